@@ -1,0 +1,710 @@
+"""The protocol one worker follows at the gate.
+
+::
+
+    connect (retry until connect_timeout)
+    warm check, one round trip ─── up to date ──────────────► PASS
+    loop
+        try-lock ─── got it ──► HOLDER
+        LISTEN (first time), then read the ledger
+            init done ─────────────────────────────────────► PASS
+            failed max_attempts times ────────────────────► FAIL FAST
+        wait for NOTIFY or poll_interval; past wait_timeout ► TIMEOUT
+    HOLDER
+        warm check again ─── up to date ──────────────────► PASS
+        ensure ledger tables; mark dead runs abandoned
+        insert 'running' run; commit
+        alembic upgrade heads on this connection
+        pending seed steps, a transaction each
+        mark 'succeeded', NOTIFY, commit, unlock ─────────► PASS
+        on error: mark 'failed', NOTIFY, commit, unlock ──► raise
+
+Everything a holder writes goes through the one connection that holds the
+lock: if its session dies, the lock and the ability to write die with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import logging
+import os
+import socket
+import time
+import traceback
+from typing import Any
+
+import asyncpg
+import tenacity
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from initgate import ledger, lock
+from initgate.errors import (
+    ConfigurationError,
+    DatabaseAheadError,
+    DatabaseUnavailableError,
+    FailFastError,
+    InitFailedError,
+    InitGateError,
+    WaitTimeoutError,
+)
+from initgate.ledger import RunStatus, StepKind, StepStatus
+from initgate.migrate import Migrations
+from initgate.seeds import SeedRegistry, SeedStep
+from initgate.settings import Settings
+
+__all__ = ["Gate", "GateResult", "Outcome", "Phase", "compute_target"]
+
+logger = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    """Where a worker is in the protocol; ``Gate.phase`` shows it live."""
+
+    IDLE = "idle"
+    """Not started."""
+    CONNECTING = "connecting"
+    """Opening the gate's connection, retrying while PostgreSQL is not up."""
+    CHECKING = "checking"
+    """Running the warm check."""
+    WAITING = "waiting"
+    """Another worker holds the lock; waiting for its NOTIFY or a poll."""
+    HOLDING = "holding"
+    """Holds the lock; preparing the run."""
+    MIGRATING = "migrating"
+    """Holds the lock; Alembic is upgrading."""
+    SEEDING = "seeding"
+    """Holds the lock; running seed steps."""
+    PASSED = "passed"
+    """Init is committed; the worker may serve."""
+    FAILED = "failed"
+    """The gate raised; the worker must not serve."""
+
+
+class Outcome(enum.StrEnum):
+    """How a worker passed the gate."""
+
+    UP_TO_DATE = "up_to_date"
+    """The warm check passed: no lock taken, nothing written."""
+    WAITED = "waited"
+    """Another worker finished init while this one waited."""
+    RAN = "ran"
+    """This worker held the lock and recorded a run."""
+    DATABASE_AHEAD = "database_ahead"
+    """The database is at revisions this code lacks; allowed by a setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GateResult:
+    """What passing the gate took."""
+
+    outcome: Outcome
+    target: str
+    elapsed_ms: float
+    """From entering the gate to passing it, connecting included."""
+    waited_ms: float = 0.0
+    """Time spent waiting for another holder."""
+    run_id: int | None = None
+    """The run this worker recorded, when it was the holder."""
+    migrated: tuple[str, ...] = ()
+    seeded: tuple[str, ...] = ()
+
+
+def compute_target(heads: tuple[str, ...] | None, seeds: SeedRegistry) -> str:
+    """Digest of the head revisions and every seed step's name and version.
+
+    Any change to either makes init run once more.
+    """
+    digest = hashlib.sha256()
+    for head in heads or ():
+        digest.update(b"rev\0" + head.encode() + b"\0")
+    for step in seeds:
+        digest.update(b"seed\0" + step.name.encode() + b"\0" + step.version.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+# Errors that mean "try connecting again": the server is starting, restarting
+# or out of connection slots, or the network is not there yet.
+_TRANSIENT = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+
+
+class Gate:
+    """Runs the protocol for one namespace; one ``run()`` per worker start."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        seeds: SeedRegistry,
+        migrations: Migrations | None = None,
+    ) -> None:
+        self.settings = settings
+        self.seeds = seeds
+        if migrations is None and settings.alembic_config is not None:
+            migrations = Migrations(settings.alembic_config)
+        self.migrations = migrations
+        self.namespace = settings.effective_namespace
+        self.key = lock.LockKey.for_namespace(self.namespace)
+        self.phase = Phase.IDLE
+        self.hostname = socket.gethostname()
+
+    def target(self) -> tuple[str, tuple[str, ...] | None]:
+        """The target digest and the code's heads (None without migrations)."""
+        heads = self.migrations.heads() if self.migrations else None
+        return compute_target(heads, self.seeds), heads
+
+    async def run(self) -> GateResult:
+        """Pass the gate: return once init is committed, by anyone.
+
+        Blocks until then. Safe to call from any number of processes at once.
+
+        Raises:
+            ConfigurationError: Bad settings, Alembic files or credentials.
+            DatabaseUnavailableError: No connection before ``connect_timeout``.
+            InitFailedError: A step failed here (recorded as a failed run).
+            FailFastError: Init for this target failed ``max_attempts`` times.
+            WaitTimeoutError: The holder did not finish within ``wait_timeout``.
+            DatabaseAheadError: The database has revisions the code lacks.
+        """
+        started = time.monotonic()
+        try:
+            result = await self._run(started)
+        except BaseException:
+            self.phase = Phase.FAILED
+            raise
+        self.phase = Phase.PASSED
+        return result
+
+    async def _run(self, started: float) -> GateResult:
+        target, heads = self.target()
+        warm_sql = ledger.warm_check_sql(
+            self.settings.ledger_schema,
+            self.namespace,
+            target,
+            heads,
+            self.settings.version_table,
+        )
+        conn = await self._connect()
+        try:
+            self.phase = Phase.CHECKING
+            if await ledger.is_warm(conn, warm_sql):
+                result = GateResult(Outcome.UP_TO_DATE, target, _ms_since(started))
+                logger.info(
+                    "init of %r up to date (target %s); passed in %.1f ms "
+                    "without taking the lock",
+                    self.namespace,
+                    target[:12],
+                    result.elapsed_ms,
+                )
+                return result
+            return await self._wait_or_hold(conn, started, target, warm_sql)
+        finally:
+            await conn.close()
+
+    # -- connecting -------------------------------------------------------
+
+    async def _connect(self) -> Any:
+        self.phase = Phase.CONNECTING
+        settings = self.settings
+        server_settings = {
+            "application_name": (
+                f"initgate:{self.namespace}:{self.hostname}:{os.getpid()}"
+            )[:63],
+            # The gate inlines literals into its warm check; with this set,
+            # doubling quotes is all the escaping a literal needs.
+            "standard_conforming_strings": "on",
+            "tcp_keepalives_idle": "10",
+            "tcp_keepalives_interval": "5",
+            "tcp_keepalives_count": "3",
+        }
+        if settings.connection_check_interval:
+            server_settings["client_connection_check_interval"] = str(
+                settings.connection_check_interval
+            )
+        dsn = settings.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(_TRANSIENT),
+            wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+            stop=tenacity.stop_after_delay(settings.connect_timeout),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._connect_once(dsn, server_settings)
+        except _TRANSIENT as exc:
+            raise DatabaseUnavailableError(
+                f"could not connect to {settings.masked_url} within "
+                f"{settings.connect_timeout:g} s: {_one_line(exc, settings)}; "
+                "check that PostgreSQL is up and reachable, or raise "
+                "INITGATE_CONNECT_TIMEOUT"
+            ) from None
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _connect_once(self, dsn: str, server_settings: dict[str, str]) -> Any:
+        try:
+            return await asyncpg.connect(
+                dsn, server_settings=server_settings, timeout=10
+            )
+        except asyncpg.UndefinedObjectError:
+            # PostgreSQL before 14 has no client_connection_check_interval;
+            # go on without it (a killed holder then keeps the lock until
+            # its statement ends).
+            if server_settings.pop("client_connection_check_interval", None):
+                logger.info(
+                    "server has no client_connection_check_interval "
+                    "(PostgreSQL < 14); a killed holder frees the lock only "
+                    "when its statement ends"
+                )
+                return await self._connect_once(dsn, server_settings)
+            raise
+        except (
+            asyncpg.InvalidPasswordError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InvalidCatalogNameError,
+        ) as exc:
+            raise ConfigurationError(
+                f"{self.settings.masked_url}: {_one_line(exc, self.settings)}"
+            ) from None
+        except (ValueError, asyncpg.InterfaceError) as exc:
+            raise ConfigurationError(
+                f"cannot use the database URL {self.settings.masked_url}: "
+                f"{_one_line(exc, self.settings)}"
+            ) from None
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        logger.info(
+            "database %s not reachable yet (attempt %d: %s); retrying",
+            self.settings.masked_url,
+            state.attempt_number,
+            _one_line(exc, self.settings) if exc else "?",
+        )
+
+    # -- waiting ----------------------------------------------------------
+
+    async def _wait_or_hold(
+        self, conn: Any, started: float, target: str, warm_sql: str
+    ) -> GateResult:
+        settings = self.settings
+        wake = asyncio.Event()
+        listening = False
+        wait_started = time.monotonic()
+        deadline = wait_started + settings.wait_timeout
+        next_warning = wait_started + settings.long_wait_warning
+
+        def on_notify(*_: Any) -> None:
+            wake.set()
+
+        while True:
+            if await lock.try_lock(conn, self.key):
+                waited = _ms_since(wait_started) if listening else 0.0
+                return await self._hold(conn, started, target, warm_sql, waited)
+            if not listening:
+                # LISTEN runs outside a transaction here, so it is in effect
+                # as soon as it returns; the ledger read below then catches a
+                # NOTIFY sent just before it.
+                await conn.add_listener(self.key.channel, on_notify)
+                listening = True
+                logger.info(
+                    "init lock %s of %r is held by another worker; waiting",
+                    self.key,
+                    self.namespace,
+                )
+            self.phase = Phase.WAITING
+            if await ledger.is_warm(conn, warm_sql):
+                waited = _ms_since(wait_started)
+                logger.info(
+                    "waited %.0f ms; another worker completed init of %r",
+                    waited,
+                    self.namespace,
+                )
+                return GateResult(
+                    Outcome.WAITED, target, _ms_since(started), waited_ms=waited
+                )
+            state = await ledger.read_state(
+                conn, settings.ledger_schema, self.namespace, target
+            )
+            self._fail_fast(state)
+
+            now = time.monotonic()
+            if now >= deadline:
+                raise WaitTimeoutError(await self._timeout_message(conn, state))
+            if now >= next_warning:
+                logger.warning(
+                    "still waiting for init of %r after %.0f s: %s; it gives "
+                    "up after INITGATE_WAIT_TIMEOUT=%g s",
+                    self.namespace,
+                    now - wait_started,
+                    await self._describe_holder(conn, state),
+                    settings.wait_timeout,
+                )
+                next_warning = now + settings.long_wait_warning
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    wake.wait(),
+                    timeout=min(settings.poll_interval, deadline - now),
+                )
+
+    def _fail_fast(self, state: ledger.GateState) -> None:
+        if state.failures >= self.settings.max_attempts:
+            raise FailFastError(
+                f"init of {self.namespace!r} failed {state.failures} times for "
+                f"this code (last: run {state.last_failed_id}: {state.last_error}); "
+                "not trying again: deploy a fix, or run `initgate retry`",
+                run_id=state.last_failed_id,
+            )
+
+    async def _describe_holder(self, conn: Any, state: ledger.GateState) -> str:
+        holder = await lock.find_holder(conn, self.key)
+        running = state.running
+        if running is not None:
+            text = (
+                f"run {running['id']} on {running['hostname']} pid "
+                f"{running['pid']} since {running['started_at']}"
+            )
+            if holder is not None:
+                text += f", session {holder.describe()}"
+            return text
+        if holder is not None:
+            return f"held by {holder.describe()}"
+        return "the lock is free now"
+
+    async def _timeout_message(self, conn: Any, state: ledger.GateState) -> str:
+        return (
+            f"waited {self.settings.wait_timeout:g} s for the init lock "
+            f"{self.key} of {self.namespace!r}: "
+            f"{await self._describe_holder(conn, state)}; raise "
+            "INITGATE_WAIT_TIMEOUT or look at that worker"
+        )
+
+    # -- holding ----------------------------------------------------------
+
+    async def _hold(
+        self,
+        conn: Any,
+        started: float,
+        target: str,
+        warm_sql: str,
+        waited_ms: float,
+    ) -> GateResult:
+        self.phase = Phase.HOLDING
+        logger.info(
+            "took the init lock %s of %r (backend pid %d)",
+            self.key,
+            self.namespace,
+            conn.get_server_pid(),
+        )
+        try:
+            if await ledger.is_warm(conn, warm_sql):
+                logger.info(
+                    "init of %r was completed by another worker just before",
+                    self.namespace,
+                )
+                return GateResult(
+                    Outcome.WAITED, target, _ms_since(started), waited_ms=waited_ms
+                )
+            self._fail_fast(
+                await ledger.read_state(
+                    conn, self.settings.ledger_schema, self.namespace, target
+                )
+            )
+            if self.migrations is not None:
+                ahead = self.migrations.unknown(
+                    await ledger.read_revisions(conn, self.settings.version_table)
+                )
+                if ahead:
+                    return self._database_ahead(ahead, target, started)
+            return await self._run_init(conn, started, target, waited_ms)
+        finally:
+            if not conn.is_closed():
+                await lock.unlock(conn, self.key)
+
+    def _database_ahead(
+        self, ahead: list[str], target: str, started: float
+    ) -> GateResult:
+        message = (
+            f"the database is at revision {', '.join(ahead)}, which this code "
+            "does not know: it was migrated by a newer release"
+        )
+        if not self.settings.allow_unknown_revisions:
+            raise DatabaseAheadError(
+                message + "; deploy that release, or set "
+                "INITGATE_ALLOW_UNKNOWN_REVISIONS=true to start anyway"
+            )
+        logger.warning(
+            "%s; starting anyway (INITGATE_ALLOW_UNKNOWN_REVISIONS) without "
+            "migrating or seeding",
+            message,
+        )
+        return GateResult(Outcome.DATABASE_AHEAD, target, _ms_since(started))
+
+    async def _run_init(
+        self, conn: Any, started: float, target: str, waited_ms: float
+    ) -> GateResult:
+        settings = self.settings
+        schema = settings.ledger_schema
+        revisions_before = await ledger.read_revisions(conn, settings.version_table)
+        done_seeds = await ledger.read_done_seeds(conn, schema, self.namespace)
+        engine = create_async_engine(
+            "postgresql+asyncpg://",
+            async_creator=lambda: _ready(conn),
+            poolclass=StaticPool,
+        )
+        # StaticPool hands out this one asyncpg connection and never closes
+        # it on check-in: the caller still needs it to unlock, then closes it.
+        async with engine.connect() as sa:
+            run_id = await self._open_run(sa, target, revisions_before)
+            try:
+                migrated = await self._migrate(sa, run_id)
+                seeded = await self._seed(sa, run_id, done_seeds)
+                revisions_after = await ledger.read_revisions(
+                    conn, settings.version_table
+                )
+                await ledger.finish_run(
+                    sa,
+                    schema,
+                    run_id,
+                    RunStatus.SUCCEEDED,
+                    channel=self.key.channel,
+                    revision_to=",".join(revisions_after) or None,
+                )
+                await sa.commit()
+            except Exception as exc:
+                raise await self._record_failure(sa, conn, run_id, exc) from exc
+        result = GateResult(
+            Outcome.RAN,
+            target,
+            _ms_since(started),
+            waited_ms=waited_ms,
+            run_id=run_id,
+            migrated=tuple(migrated),
+            seeded=tuple(seeded),
+        )
+        logger.info(
+            "init of %r succeeded: run %d, %d revisions, %d seed steps, %.0f ms in all",
+            self.namespace,
+            run_id,
+            len(migrated),
+            len(seeded),
+            result.elapsed_ms,
+        )
+        return result
+
+    async def _open_run(
+        self, sa: AsyncConnection, target: str, revisions_before: list[str]
+    ) -> int:
+        schema = self.settings.ledger_schema
+        await ledger.ensure_schema(sa, schema, lock.CLASSID)
+        for dead in await ledger.abandon_running(sa, schema, self.namespace):
+            logger.warning(
+                "took over init of %r from a dead holder: run %d by %s pid %d "
+                "since %s is now abandoned; look at that worker's logs for "
+                "why it died",
+                self.namespace,
+                dead["id"],
+                dead["hostname"],
+                dead["pid"],
+                dead["started_at"],
+            )
+        raw = await sa.get_raw_connection()
+        assert raw.driver_connection is not None
+        run_id = await ledger.insert_run(
+            sa,
+            schema,
+            namespace=self.namespace,
+            target=target,
+            hostname=self.hostname,
+            pid=os.getpid(),
+            backend_pid=raw.driver_connection.get_server_pid(),
+            revision_from=",".join(revisions_before) or None,
+            code_version=self.settings.code_version,
+        )
+        # Committed at once: a holder that dies from here on leaves a
+        # visible 'running' row for the next holder to mark abandoned.
+        await sa.commit()
+        return run_id
+
+    async def _migrate(self, sa: AsyncConnection, run_id: int) -> list[str]:
+        if self.migrations is None:
+            return []
+        self.phase = Phase.MIGRATING
+        migrations = self.migrations
+        # Alembic begins and commits its own transaction; autocommit_block()
+        # fails if one is already open on the connection it is given.
+        await sa.commit()
+        before = time.monotonic()
+        report = await sa.run_sync(migrations.upgrade)
+        await sa.commit()
+        if not report.on_gate_connection:
+            logger.warning(
+                "env.py of %s did not use the connection initgate handed it "
+                "(config.attributes['connection']), so its migrations ran "
+                "outside the lock's session: a holder that loses its session "
+                "could still write; see the README's env.py section",
+                migrations.config_path,
+            )
+        for applied in report.applied:
+            await ledger.insert_step(
+                sa,
+                self.settings.ledger_schema,
+                run_id,
+                StepKind.MIGRATION,
+                applied.revision,
+                applied.doc,
+                StepStatus.SUCCEEDED,
+                applied.started_at,
+                applied.finished_at,
+            )
+        await sa.commit()
+        revisions = [a.revision for a in report.applied]
+        if revisions:
+            logger.info(
+                "migrated %r %s in %.0f ms",
+                self.namespace,
+                " -> ".join(revisions),
+                _ms_since(before),
+            )
+        return revisions
+
+    async def _seed(
+        self, sa: AsyncConnection, run_id: int, done: set[tuple[str, str]]
+    ) -> list[str]:
+        self.phase = Phase.SEEDING
+        seeded = []
+        for step in self.seeds:
+            done_key = (step.name, step.version)
+            if done_key in done:
+                logger.debug(
+                    "seed step %s v%s already applied", step.name, step.version
+                )
+                continue
+            await self._seed_one(sa, run_id, step)
+            seeded.append(f"{step.name} v{step.version}")
+        return seeded
+
+    async def _seed_one(self, sa: AsyncConnection, run_id: int, step: SeedStep) -> None:
+        schema = self.settings.ledger_schema
+        started_at = _now()
+        try:
+            async with sa.begin():
+                await step.function(sa)
+                await ledger.insert_step(
+                    sa,
+                    schema,
+                    run_id,
+                    StepKind.SEED,
+                    step.name,
+                    step.version,
+                    StepStatus.SUCCEEDED,
+                    started_at,
+                    _now(),
+                )
+        except Exception as exc:
+            try:
+                async with sa.begin():
+                    await ledger.insert_step(
+                        sa,
+                        schema,
+                        run_id,
+                        StepKind.SEED,
+                        step.name,
+                        step.version,
+                        StepStatus.FAILED,
+                        started_at,
+                        _now(),
+                        error=_one_line(exc, self.settings),
+                    )
+            except Exception as record_exc:
+                # A lost session cannot record anything; the run row tells.
+                logger.debug("could not record the failed step: %s", record_exc)
+            raise _StepFailed(f"seed step {step.name} v{step.version}") from exc
+        logger.info(
+            "seeded %s v%s in %.0f ms",
+            step.name,
+            step.version,
+            (_now() - started_at).total_seconds() * 1000,
+        )
+
+    async def _record_failure(
+        self, sa: AsyncConnection, conn: Any, run_id: int, exc: Exception
+    ) -> InitGateError:
+        """Mark the run failed (best effort) and build the error to raise."""
+        cause = exc.__cause__ if isinstance(exc, _StepFailed) else exc
+        assert cause is not None
+        where = str(exc) if isinstance(exc, _StepFailed) else "migration"
+        error = f"{where} failed: {_one_line(cause, self.settings)}"
+        tb = self.settings.scrub(
+            "".join(traceback.format_exception(cause)) if cause else ""
+        )
+        try:
+            if sa.in_transaction():
+                await sa.rollback()
+            await ledger.finish_run(
+                sa,
+                self.settings.ledger_schema,
+                run_id,
+                RunStatus.FAILED,
+                channel=self.key.channel,
+                revision_to=",".join(
+                    await ledger.read_revisions(conn, self.settings.version_table)
+                )
+                or None,
+                error=error,
+                traceback=tb,
+            )
+            await sa.commit()
+        except Exception as record_exc:
+            # The session is gone (killed, terminated): the run stays
+            # 'running' and the next holder marks it abandoned.
+            logger.error(
+                "could not record run %d as failed: %s",
+                run_id,
+                _one_line(record_exc, self.settings),
+            )
+        if isinstance(cause, ConfigurationError):
+            return cause
+        logger.error("init of %r failed in run %d: %s", self.namespace, run_id, error)
+        return InitFailedError(
+            f"init of {self.namespace!r} failed (run {run_id}): {error}",
+            run_id=run_id,
+        )
+
+
+class _StepFailed(Exception):
+    """Internal: names the seed step whose exception is the ``__cause__``."""
+
+
+async def _ready(conn: Any) -> Any:
+    return conn
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _ms_since(start: float) -> float:
+    return (time.monotonic() - start) * 1000
+
+
+def _one_line(exc: BaseException, settings: Settings) -> str:
+    """``Type: message`` on one line, with the password scrubbed."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return settings.scrub(f"{type(exc).__name__}: {message}")

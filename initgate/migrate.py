@@ -1,0 +1,153 @@
+"""Alembic: the code's head revisions, and an upgrade on a given connection."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection
+
+from initgate.errors import ConfigurationError
+
+__all__ = ["AppliedRevision", "Migrations", "UpgradeReport"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class AppliedRevision:
+    """One revision Alembic applied, with when it ran."""
+
+    revision: str
+    doc: str | None
+    started_at: dt.datetime
+    finished_at: dt.datetime
+
+
+@dataclasses.dataclass
+class UpgradeReport:
+    """What one ``upgrade heads`` did."""
+
+    applied: list[AppliedRevision] = dataclasses.field(default_factory=list)
+    """Revisions in the order they were applied (committed or not)."""
+    on_gate_connection: bool = True
+    """False when ``env.py`` ignored the connection handed in and made its own."""
+
+
+class Migrations:
+    """An Alembic project: its script directory and its heads.
+
+    Loading the script directory imports every revision file, which costs far
+    more than a round trip on a large project; it happens once per process.
+    """
+
+    def __init__(self, config_path: Path) -> None:
+        """Load ``alembic.ini`` and its script directory.
+
+        Raises:
+            ConfigurationError: The file or its script location is missing.
+        """
+        if not config_path.is_file():
+            raise ConfigurationError(
+                f"alembic config {str(config_path)!r} does not exist (cwd "
+                f"{str(Path.cwd())!r}); set INITGATE_ALEMBIC_CONFIG to its path, "
+                "or to an empty value for seed steps only"
+            )
+        self.config_path = config_path
+        self._script: ScriptDirectory | None = None
+
+    def config(self) -> Config:
+        """A fresh Alembic Config; each upgrade gets its own attributes."""
+        return Config(str(self.config_path))
+
+    @property
+    def script(self) -> ScriptDirectory:
+        """The script directory, loaded on first use."""
+        if self._script is None:
+            try:
+                self._script = ScriptDirectory.from_config(self.config())
+            except CommandError as exc:
+                raise ConfigurationError(
+                    f"alembic config {str(self.config_path)!r}: {exc}"
+                ) from None
+        return self._script
+
+    def heads(self) -> tuple[str, ...]:
+        """The code's head revisions, sorted.
+
+        Raises:
+            ConfigurationError: A revision file does not load.
+        """
+        try:
+            return tuple(sorted(self.script.get_heads()))
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            raise ConfigurationError(
+                f"alembic revisions under {self.script.dir!r} do not load: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def unknown(self, revisions: list[str]) -> list[str]:
+        """The revisions in ``revisions`` that this code has no file for."""
+        missing = []
+        for revision in revisions:
+            try:
+                found = self.script.get_revision(revision)
+            except CommandError:
+                found = None
+            if found is None:
+                missing.append(revision)
+        return missing
+
+    def upgrade(self, connection: Connection) -> UpgradeReport:
+        """Run ``upgrade heads`` through ``env.py`` on ``connection``.
+
+        ``connection`` must have no transaction open: Alembic begins and
+        commits its own, and ``autocommit_block()`` needs a clean slate.
+        The connection goes to ``env.py`` as ``config.attributes["connection"]``.
+        """
+        config = self.config()
+        config.attributes["connection"] = connection
+        report = UpgradeReport()
+        script = self.script
+        last_mark = _now()
+
+        def on_version_apply(*, step: Any, **_: Any) -> None:
+            nonlocal last_mark
+            finished = _now()
+            revision = step.up_revision_id or ",".join(step.up_revision_ids)
+            doc = step.up_revision.doc if step.up_revision is not None else None
+            report.applied.append(AppliedRevision(revision, doc, last_mark, finished))
+            logger.info("applied revision %s (%s)", revision, doc)
+            last_mark = finished
+
+        def upgrade_fn(rev: Any, context: Any) -> Any:
+            # What alembic.command.upgrade passes for "heads"; kept the same
+            # so that env.py sees exactly the usual upgrade.
+            return script._upgrade_revs("heads", rev)
+
+        class GateEnvironment(EnvironmentContext):
+            """Adds the step recorder and notes which connection env.py used."""
+
+            def configure(self, *args: Any, **kwargs: Any) -> None:
+                if kwargs.get("connection") is not connection:
+                    report.on_gate_connection = False
+                callbacks = list(kwargs.pop("on_version_apply", ()) or ())
+                kwargs["on_version_apply"] = [*callbacks, on_version_apply]
+                super().configure(*args, **kwargs)
+
+        with GateEnvironment(config, script, fn=upgrade_fn, destination_rev="heads"):
+            script.run_env()
+        return report
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
