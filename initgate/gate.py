@@ -568,10 +568,11 @@ class Gate:
                 run_id,
                 StepKind.MIGRATION,
                 applied.revision,
-                applied.doc,
+                None,
                 StepStatus.SUCCEEDED,
                 applied.started_at,
                 applied.finished_at,
+                description=applied.doc,
             )
         await sa.commit()
         revisions = [a.revision for a in report.applied]

@@ -128,6 +128,7 @@ def _ddl(schema: str) -> list[str]:
             kind text NOT NULL CHECK (kind IN ({_check(StepKind)})),
             name text NOT NULL,
             version text,
+            description text,
             status text NOT NULL CHECK (status IN ({_check(StepStatus)})),
             started_at timestamptz NOT NULL,
             finished_at timestamptz NOT NULL,
@@ -374,14 +375,15 @@ async def insert_step(
     started_at: dt.datetime,
     finished_at: dt.datetime,
     error: str | None = None,
+    description: str | None = None,
 ) -> None:
     """Record one step of a run."""
     await conn.execute(
         text(
             f"INSERT INTO {quote_ident(schema)}.init_steps (run_id, kind, name, "
-            "version, status, started_at, finished_at, duration_ms, error) "
-            "VALUES (:run_id, :kind, :name, :version, :status, :started, "
-            ":finished, :ms, :error)"
+            "version, description, status, started_at, finished_at, duration_ms, "
+            "error) VALUES (:run_id, :kind, :name, :version, :description, "
+            ":status, :started, :finished, :ms, :error)"
         ),
         {
             "run_id": run_id,
@@ -393,6 +395,7 @@ async def insert_step(
             "finished": finished_at,
             "ms": (finished_at - started_at).total_seconds() * 1000,
             "error": error,
+            "description": description,
         },
     )
 

@@ -134,17 +134,26 @@ class Migrations:
             # so that env.py sees exactly the usual upgrade.
             return script._upgrade_revs("heads", rev)
 
-        class GateEnvironment(EnvironmentContext):
-            """Adds the step recorder and notes which connection env.py used."""
+        environment = EnvironmentContext(
+            config, script, fn=upgrade_fn, destination_rev="heads"
+        )
+        configure = environment.configure
 
-            def configure(self, *args: Any, **kwargs: Any) -> None:
-                if kwargs.get("connection") is not connection:
-                    report.on_gate_connection = False
-                callbacks = list(kwargs.pop("on_version_apply", ()) or ())
-                kwargs["on_version_apply"] = [*callbacks, on_version_apply]
-                super().configure(*args, **kwargs)
+        def configure_with_recorder(*args: Any, **kwargs: Any) -> None:
+            # Notes which connection env.py used, and adds the step recorder
+            # to whatever callbacks env.py passes itself.
+            if kwargs.get("connection") is not connection:
+                report.on_gate_connection = False
+            callbacks = list(kwargs.pop("on_version_apply", ()) or ())
+            kwargs["on_version_apply"] = [*callbacks, on_version_apply]
+            configure(*args, **kwargs)
 
-        with GateEnvironment(config, script, fn=upgrade_fn, destination_rev="heads"):
+        # An attribute on the instance, not a subclass: Alembic publishes
+        # the instance's attributes as the alembic.context module that
+        # env.py imports, and registers that proxy for EnvironmentContext
+        # itself only.
+        environment.configure = configure_with_recorder  # type: ignore[method-assign]
+        with environment:
             script.run_env()
         return report
 
