@@ -241,12 +241,11 @@ class GateState:
 
 _STATE_SQL = """
 WITH last_ok AS (
-    SELECT coalesce(max(id), 0) AS id FROM {s}.init_runs
+    SELECT coalesce(max(id), 0) AS ok_id FROM {s}.init_runs
     WHERE namespace = $1 AND status = 'succeeded'
 ), failed AS (
     SELECT id, error FROM {s}.init_runs, last_ok
-    WHERE namespace = $1 AND target = $2 AND status = 'failed'
-      AND init_runs.id > last_ok.id
+    WHERE namespace = $1 AND target = $2 AND status = 'failed' AND id > ok_id
 )
 SELECT
     (SELECT count(*) FROM failed) AS failures,
