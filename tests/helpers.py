@@ -53,6 +53,7 @@ __all__ = [
     "UvicornServer",
     "find_pg_bindir",
     "free_port",
+    "live_processes_in_group",
     "spawn_python",
     "start_uvicorn",
     "wait_for_http",
@@ -809,17 +810,21 @@ def spawn_python(
 def _await_ready(fd: int, herd: Herd, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     ready = 0
+    died = False
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
-        while ready < len(herd.processes):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not selector.select(remaining):
+        while ready < len(herd.processes) and time.monotonic() < deadline:
+            # Short selects, so that one child dying is noticed at once even
+            # while the others keep the pipe open.
+            if selector.select(0.1):
+                chunk = os.read(fd, 64)
+                ready += len(chunk)
+                if not chunk:
+                    break  # Every child has closed its end.
+            if any(p.poll() is not None for p in herd.processes):
+                died = True
                 break
-            chunk = os.read(fd, 64)
-            if not chunk:
-                break  # Every child has closed its end: some died early.
-            ready += len(chunk)
-    if ready < len(herd.processes):
+    if ready < len(herd.processes) or died:
         herd.kill()
         for process in herd.processes:
             process.wait(timeout=10)
@@ -855,6 +860,29 @@ def _kill_group(process: subprocess.Popen[bytes], grace: float = 0.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Return the pids in process group ``pgid`` that are not zombies.
+
+    Zombies are left out because they are already dead: an orphan in this
+    group is reaped by whatever init the machine has, possibly late.
+    Reads ``/proc``, so it works on Linux only.
+    """
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # Gone between listing and reading.
+        # The command name is in parentheses and may contain spaces, so the
+        # fields are counted from the last ")".
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
 
 
 # --- uvicorn -----------------------------------------------------------------
