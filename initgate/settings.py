@@ -96,9 +96,7 @@ class Settings(BaseSettings):
     )
 
     database_url: SecretStr = Field(
-        validation_alias=AliasChoices(
-            "database_url", "INITGATE_DATABASE_URL", "DATABASE_URL"
-        )
+        validation_alias=AliasChoices("INITGATE_DATABASE_URL", "DATABASE_URL")
     )
     """PostgreSQL URL (``postgresql://``); the password is kept secret."""
 
@@ -109,7 +107,7 @@ class Settings(BaseSettings):
     """Names the init domain; default ``<database>:<schema>``."""
 
     ledger_schema: str = Field(
-        "public", validation_alias=AliasChoices("ledger_schema", "INITGATE_SCHEMA")
+        "public", validation_alias=AliasChoices("INITGATE_SCHEMA")
     )
     """Schema that holds ``init_runs`` and ``init_steps``."""
 
@@ -212,13 +210,13 @@ def _describe(exc: ValidationError) -> str:
     """One line per bad setting, naming the variable, never the value."""
     problems = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "settings"
-        if field == "database_url" and error["type"] == "missing":
+        field = str(error["loc"][0]).upper() if error["loc"] else "SETTINGS"
+        if "DATABASE_URL" in field and error["type"] == "missing":
             problems.append(
                 "no database URL: set DATABASE_URL or INITGATE_DATABASE_URL"
             )
             continue
-        variable = "INITGATE_" + field.upper().replace("LEDGER_SCHEMA", "SCHEMA")
+        variable = field if field.startswith("INITGATE_") else "INITGATE_" + field
         message = str(error["msg"]).removeprefix("Value error, ")
         problems.append(f"{variable}: {message}")
     return "invalid initgate settings: " + "; ".join(problems)
