@@ -8,8 +8,10 @@ them as separate workers; tests with real worker processes live in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -19,14 +21,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from initgate import (
     DatabaseAheadError,
+    DatabaseUnavailableError,
     FailFastError,
     InitFailedError,
     InitGate,
     Outcome,
+    Settings,
     WaitTimeoutError,
 )
 from initgate.lock import LockKey
-from tests.helpers import DatabaseAdmin, DdlLog, RoundTripProxy
+from tests.helpers import DatabaseAdmin, DdlLog, RoundTripProxy, free_port
 from tests.project import Project, Revision, make_gate
 
 ITEMS = Revision.sql(
@@ -406,3 +410,67 @@ async def test_env_py_with_its_own_engine_works_with_a_warning(
     assert result.outcome is Outcome.RAN
     assert await db.fetchval("SELECT to_regclass('items')::text") == "items"
     assert any("outside the lock's session" in r.message for r in caplog.records)
+
+
+async def test_long_wait_logs_a_warning_naming_the_holder(
+    database_url: str, project: Project, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = make_gate(
+        database_url,
+        project,
+        wait_timeout=1.2,
+        poll_interval=0.1,
+        long_wait_warning=0.4,
+    )
+    blocker = await asyncpg.connect(
+        database_url, server_settings={"application_name": "slow-holder"}
+    )
+    try:
+        key = gate.gate.key
+        await blocker.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", key.classid, key.objid
+        )
+        with (
+            caplog.at_level(logging.INFO, logger="initgate"),
+            pytest.raises(WaitTimeoutError),
+        ):
+            await gate.run()
+    finally:
+        await blocker.close()
+
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 3
+    assert all("slow-holder" in r.getMessage() for r in warnings)
+    assert any("waiting" in r.getMessage() for r in caplog.records)
+
+
+async def test_unreachable_database_fails_after_the_connect_deadline() -> None:
+    url = f"postgresql://app:{'hunter2-secret'}@127.0.0.1:{free_port()}/app"
+    gate = InitGate(
+        Settings(database_url=url, alembic_config=None, connect_timeout=1.0)
+    )
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError) as raised:
+        await gate.run()
+    elapsed = time.monotonic() - started
+
+    assert 0.9 < elapsed < 5
+    assert "hunter2-secret" not in str(raised.value)
+    assert "INITGATE_CONNECT_TIMEOUT" in str(raised.value)
+
+
+async def test_lifespan_composes_with_the_apps_own(
+    database_url: str, project: Project
+) -> None:
+    gate = make_gate(database_url, project)
+    order: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def own(app: object) -> AsyncIterator[dict[str, str]]:
+        order.append(f"own starts after gate: {gate.result is not None}")
+        yield {"engine": "ready"}
+        order.append("own stops")
+
+    async with gate.lifespan_with(own)(object()) as state:
+        assert state == {"engine": "ready"}
+    assert order == ["own starts after gate: True", "own stops"]
