@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,7 @@ class Migrations:
             )
         self.config_path = config_path
         self._script: ScriptDirectory | None = None
+        self._heads: tuple[str, ...] | None = None
 
     def config(self) -> Config:
         """A fresh Alembic Config; each upgrade gets its own attributes."""
@@ -80,11 +84,45 @@ class Migrations:
         return self._script
 
     def heads(self) -> tuple[str, ...]:
-        """The code's head revisions, sorted.
+        """The code's head revisions, sorted; cached on disk between processes.
+
+        Importing every revision file costs far more than the warm check's
+        round trip (about 45 ms for 200 files, 0.5 s without bytecode), so
+        the heads are kept in ``__pycache__/initgate-heads.json`` beside the
+        revisions, keyed by the name, size and mtime of every revision file.
+        A cache that cannot be written (read-only image) is simply skipped.
 
         Raises:
             ConfigurationError: A revision file does not load.
         """
+        if self._heads is None:
+            fingerprint, cache = self._fingerprint()
+            cached = _read_cache(cache, fingerprint)
+            if cached is None:
+                cached = self._load_heads()
+                _write_cache(cache, fingerprint, cached)
+            self._heads = cached
+        return self._heads
+
+    def _fingerprint(self) -> tuple[str, Path]:
+        digest = hashlib.sha256(str(self.config_path.resolve()).encode())
+        configured = self.config().get_version_locations_list()
+        locations = [Path(p) for p in configured or [self.script.versions]]
+        for location in locations:
+            digest.update(b"\0dir\0" + str(location.resolve()).encode())
+            files = sorted(location.rglob("*.py")) if location.is_dir() else []
+            for path in files:
+                if "__pycache__" in path.parts:
+                    continue
+                stat = path.stat()
+                entry = (
+                    f"{path.relative_to(location)}:{stat.st_size}:{stat.st_mtime_ns}"
+                )
+                digest.update(b"\0" + entry.encode())
+        cache = (locations[0] if locations else Path(self.script.dir)) / "__pycache__"
+        return digest.hexdigest(), cache / "initgate-heads.json"
+
+    def _load_heads(self) -> tuple[str, ...]:
         try:
             return tuple(sorted(self.script.get_heads()))
         except ConfigurationError:
@@ -156,6 +194,31 @@ class Migrations:
         with environment:
             script.run_env()
         return report
+
+
+def _read_cache(path: Path, fingerprint: str) -> tuple[str, ...] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+        return None
+    heads = data.get("heads")
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        return None
+    return tuple(heads)
+
+
+def _write_cache(path: Path, fingerprint: str, heads: tuple[str, ...]) -> None:
+    # Written to a temporary name and renamed: workers starting together
+    # never read a half-written file.
+    try:
+        path.parent.mkdir(exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"fingerprint": fingerprint, "heads": heads}))
+        os.replace(temporary, path)
+    except OSError as exc:
+        logger.debug("heads cache %s not written: %s", path, exc)
 
 
 def _now() -> dt.datetime:

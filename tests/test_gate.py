@@ -30,6 +30,7 @@ from initgate import (
     WaitTimeoutError,
 )
 from initgate.lock import LockKey
+from initgate.migrate import Migrations
 from tests.helpers import DatabaseAdmin, DdlLog, RoundTripProxy, free_port
 from tests.project import Project, Revision, make_gate
 
@@ -474,3 +475,26 @@ async def test_lifespan_composes_with_the_apps_own(
     async with gate.lifespan_with(own)(object()) as state:
         assert state == {"engine": "ready"}
     assert order == ["own starts after gate: True", "own stops"]
+
+
+def test_heads_are_cached_and_the_cache_follows_file_changes(tmp_path: Path) -> None:
+    imports = tmp_path / "imports.log"
+    project = Project(tmp_path / "p").add(
+        Revision(
+            "r1",
+            "pass",
+            doc="logs its import",
+        )
+    )
+    revision_file = project.versions / "r1.py"
+    revision_file.write_text(
+        f"open({str(imports)!r}, 'a').write('imported\\n')\n"
+        + revision_file.read_text()
+    )
+
+    assert Migrations(project.ini).heads() == ("r1",)
+    assert Migrations(project.ini).heads() == ("r1",)
+    assert imports.read_text().count("imported") == 1
+
+    project.add(Revision.sql("r2", "SELECT 1"))
+    assert Migrations(project.ini).heads() == ("r2",)
