@@ -54,7 +54,7 @@ from initgate.errors import (
     WaitTimeoutError,
 )
 from initgate.ledger import RunStatus, StepKind, StepStatus
-from initgate.migrate import Migrations
+from initgate.migrate import Migrations, UpgradeFailedError, UpgradeReport
 from initgate.seeds import SeedRegistry, SeedStep
 from initgate.settings import Settings
 
@@ -551,7 +551,17 @@ class Gate:
         # fails if one is already open on the connection it is given.
         await sa.commit()
         before = time.monotonic()
-        report = await sa.run_sync(migrations.upgrade)
+        try:
+            report = await sa.run_sync(migrations.upgrade)
+        except UpgradeFailedError as exc:
+            await sa.rollback()
+            cause = exc.__cause__ or exc
+            await self._record_migrations(
+                sa, run_id, exc.report, error=_one_line(cause, self.settings)
+            )
+            raise _StepFailed(f"migration {exc.report.failed_revision}") from (
+                exc.__cause__
+            )
         await sa.commit()
         if not report.on_gate_connection:
             logger.warning(
@@ -561,20 +571,7 @@ class Gate:
                 "could still write; see the README's env.py section",
                 migrations.config_path,
             )
-        for applied in report.applied:
-            await ledger.insert_step(
-                sa,
-                self.settings.ledger_schema,
-                run_id,
-                StepKind.MIGRATION,
-                applied.revision,
-                None,
-                StepStatus.SUCCEEDED,
-                applied.started_at,
-                applied.finished_at,
-                description=applied.doc,
-            )
-        await sa.commit()
+        await self._record_migrations(sa, run_id, report)
         revisions = [a.revision for a in report.applied]
         if revisions:
             logger.info(
@@ -584,6 +581,50 @@ class Gate:
                 _ms_since(before),
             )
         return revisions
+
+    async def _record_migrations(
+        self,
+        sa: AsyncConnection,
+        run_id: int,
+        report: UpgradeReport,
+        error: str | None = None,
+    ) -> None:
+        """One step row per revision that committed, and one for a failure."""
+        schema = self.settings.ledger_schema
+        committed = set(
+            await ledger.read_revisions(await _driver(sa), self.settings.version_table)
+        )
+        ancestors = self.migrations.ancestors(committed) if self.migrations else set()
+        for applied in report.applied:
+            if applied.revision not in ancestors:
+                continue  # Rolled back with a later revision's transaction.
+            await ledger.insert_step(
+                sa,
+                schema,
+                run_id,
+                StepKind.MIGRATION,
+                applied.revision,
+                None,
+                StepStatus.SUCCEEDED,
+                applied.started_at,
+                applied.finished_at,
+                description=applied.doc,
+            )
+        if error is not None and report.failed_revision is not None:
+            started_at = report.applied[-1].finished_at if report.applied else _now()
+            await ledger.insert_step(
+                sa,
+                schema,
+                run_id,
+                StepKind.MIGRATION,
+                report.failed_revision,
+                None,
+                StepStatus.FAILED,
+                started_at,
+                _now(),
+                error=error,
+            )
+        await sa.commit()
 
     async def _seed(
         self, sa: AsyncConnection, run_id: int, done: set[tuple[str, str]]
@@ -691,6 +732,12 @@ class Gate:
 
 class _StepFailed(Exception):
     """Internal: names the seed step whose exception is the ``__cause__``."""
+
+
+async def _driver(sa: AsyncConnection) -> Any:
+    """The asyncpg connection under ``sa``, for the ledger's reads."""
+    raw = await sa.get_raw_connection()
+    return raw.driver_connection
 
 
 async def _ready(conn: Any) -> Any:

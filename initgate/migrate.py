@@ -19,7 +19,7 @@ from sqlalchemy import Connection
 
 from initgate.errors import ConfigurationError
 
-__all__ = ["AppliedRevision", "Migrations", "UpgradeReport"]
+__all__ = ["AppliedRevision", "Migrations", "UpgradeFailedError", "UpgradeReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,23 @@ class UpgradeReport:
     """Revisions in the order they were applied (committed or not)."""
     on_gate_connection: bool = True
     """False when ``env.py`` ignored the connection handed in and made its own."""
+    planned: list[str] = dataclasses.field(default_factory=list)
+    """Revisions the upgrade set out to apply, in order."""
+
+    @property
+    def failed_revision(self) -> str | None:
+        """After a failed upgrade: the planned revision that did not complete."""
+        if len(self.applied) < len(self.planned):
+            return self.planned[len(self.applied)]
+        return None
+
+
+class UpgradeFailedError(Exception):
+    """Alembic raised; ``report`` says what was applied before that."""
+
+    def __init__(self, report: UpgradeReport) -> None:
+        super().__init__(f"upgrade failed at {report.failed_revision}")
+        self.report = report
 
 
 class Migrations:
@@ -133,6 +150,15 @@ class Migrations:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
+    def ancestors(self, revisions: set[str]) -> set[str]:
+        """``revisions`` and every revision below them."""
+        if not revisions:
+            return set()
+        return {
+            r.revision
+            for r in self.script.iterate_revisions(tuple(sorted(revisions)), "base")
+        }
+
     def unknown(self, revisions: list[str]) -> list[str]:
         """The revisions in ``revisions`` that this code has no file for."""
         missing = []
@@ -170,7 +196,9 @@ class Migrations:
         def upgrade_fn(rev: Any, context: Any) -> Any:
             # What alembic.command.upgrade passes for "heads"; kept the same
             # so that env.py sees exactly the usual upgrade.
-            return script._upgrade_revs("heads", rev)
+            steps = script._upgrade_revs("heads", rev)
+            report.planned = [step.revision.revision for step in steps]
+            return steps
 
         environment = EnvironmentContext(
             config, script, fn=upgrade_fn, destination_rev="heads"
@@ -191,8 +219,11 @@ class Migrations:
         # env.py imports, and registers that proxy for EnvironmentContext
         # itself only.
         environment.configure = configure_with_recorder  # type: ignore[method-assign]
-        with environment:
-            script.run_env()
+        try:
+            with environment:
+                script.run_env()
+        except Exception as exc:
+            raise UpgradeFailedError(report) from exc
         return report
 
 

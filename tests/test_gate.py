@@ -220,8 +220,15 @@ async def test_failing_migration_is_recorded_and_raised(
         await gate.run()
 
     message = str(raised.value)
+    assert "migration r2_broken failed" in message
     assert "division by zero" in message
     assert "\n" not in message
+    steps = await db.fetch("SELECT name, status, error FROM init_steps ORDER BY id")
+    assert [(s["name"], s["status"]) for s in steps] == [
+        ("r1_items", "succeeded"),
+        ("r2_broken", "failed"),
+    ]
+    assert "division by zero" in steps[1]["error"]
     [run] = await runs(db)
     assert run["status"] == "failed"
     assert "division by zero" in run["error"]
