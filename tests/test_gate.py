@@ -119,6 +119,7 @@ async def test_warm_gate_is_one_round_trip_without_lock_or_write(
     assert result.outcome is Outcome.UP_TO_DATE
     [session] = round_trip_proxy.sessions
     assert session.round_trips == 1, session.queries
+    assert session.flushes == 0, "a prepare would wait on the network once more"
     assert not any("lock" in q.lower() for q in session.queries), session.queries
     assert len(await runs(db)) == 1
     await db.execute("SELECT pg_stat_force_next_flush()")
