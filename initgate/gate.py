@@ -161,6 +161,17 @@ class Gate:
         self.phase = Phase.IDLE
         self.hostname = socket.gethostname()
 
+    def application_name(self) -> str:
+        """``initgate:<namespace>:<host>:<pid>``, as ``pg_stat_activity`` shows.
+
+        PostgreSQL keeps 63 bytes of it; a long namespace is shortened so
+        that host and pid, which name the worker, always survive.
+        """
+        tail = f":{self.hostname}:{os.getpid()}".encode()
+        room = max(0, 63 - len(b"initgate:") - len(tail))
+        namespace = self.namespace.encode()[:room].decode(errors="ignore")
+        return f"initgate:{namespace}{tail.decode()}"[:63]
+
     def target(self) -> tuple[str, tuple[str, ...] | None]:
         """The target digest and the code's heads (None without migrations)."""
         heads = self.migrations.heads() if self.migrations else None
@@ -220,9 +231,7 @@ class Gate:
         self.phase = Phase.CONNECTING
         settings = self.settings
         server_settings = {
-            "application_name": (
-                f"initgate:{self.namespace}:{self.hostname}:{os.getpid()}"
-            )[:63],
+            "application_name": self.application_name(),
             # The gate inlines literals into its warm check; with this set,
             # doubling quotes is all the escaping a literal needs.
             "standard_conforming_strings": "on",
