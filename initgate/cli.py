@@ -376,7 +376,8 @@ def history(
     overrides = {
         "database_url": database_url,
         "namespace": namespace,
-        "ledger_schema": schema,
+        # By its variable's name, so that a bad value is reported under it.
+        "INITGATE_SCHEMA": schema,
     }
     try:
         settings = Settings.from_env(

@@ -319,6 +319,17 @@ def test_history_of_a_database_without_ledger_says_so(database_url: str) -> None
     assert json.loads(as_json.stdout) == []
 
 
+def test_history_with_a_bad_schema_exits_2_naming_the_setting() -> None:
+    url = "postgresql://initgate@127.0.0.1:5432/app"
+
+    result = initgate("history", "--schema", "no-such;schema", database_url=url)
+
+    assert result.returncode == 2, result.stderr
+    assert "INITGATE_SCHEMA: expected a plain SQL identifier" in (
+        assert_one_error_line(result)
+    )
+
+
 # -- initgate demo ------------------------------------------------------------
 
 
@@ -351,3 +362,32 @@ async def test_demo_once_with_two_workers_runs_init_exactly_once(
     assert await count_runs(db) == ["succeeded"]
     log = (tmp_path / "demo" / "uvicorn.log").read_text()
     assert log.count("Application startup complete.") == 2
+
+
+async def test_demo_reports_a_worker_that_cannot_pass_the_gate_in_one_line(
+    database_url: str, db: DatabaseAdmin, tmp_path: Path
+) -> None:
+    await db.execute(
+        "CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY);"
+        "INSERT INTO alembic_version VALUES ('9999_from_the_future')"
+    )
+
+    result = initgate(
+        "demo",
+        "--once",
+        "--workers",
+        "2",
+        "--database-url",
+        database_url,
+        "--port",
+        str(free_port()),
+        "--data-dir",
+        str(tmp_path / "demo"),
+        timeout=150,
+    )
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = assert_one_error_line(result)
+    assert "a worker did not pass the gate" in line
+    assert "9999_from_the_future" in line
+    assert "Stopped the demo service." in result.stdout
