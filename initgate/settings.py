@@ -216,6 +216,7 @@ def _describe(exc: ValidationError) -> str:
                 "no database URL: set DATABASE_URL or INITGATE_DATABASE_URL"
             )
             continue
+        field = {"LEDGER_SCHEMA": "SCHEMA"}.get(field, field)
         variable = field if field.startswith("INITGATE_") else "INITGATE_" + field
         message = str(error["msg"]).removeprefix("Value error, ")
         problems.append(f"{variable}: {message}")

@@ -90,6 +90,11 @@ def test_bad_urls_are_rejected_without_echoing_the_password(
     assert CANARY not in str(raised.value)
 
 
+def test_keyword_settings_are_named_by_their_variable() -> None:
+    with pytest.raises(ConfigurationError, match="INITGATE_SCHEMA: expected"):
+        Settings.from_env(database_url="postgresql://u@h/db", ledger_schema="a b")
+
+
 def test_masking_hides_passwords_even_in_urls_that_do_not_parse() -> None:
     assert CANARY not in mask_url(f"postgresql://u:{CANARY}@h:5432/db")
     assert CANARY not in mask_url(f"postgresql://u:{CANARY}@h:port/db")
