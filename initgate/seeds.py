@@ -74,7 +74,8 @@ class SeedRegistry:
 
 
 def _where(function: object) -> str:
-    code = getattr(function, "__code__", None)
+    # A wrapper (a sync step adapted to async) points at what it wraps.
+    code = getattr(inspect.unwrap(function), "__code__", None)  # type: ignore[arg-type]
     if code is None:
         return repr(function)
     return f"{code.co_filename}:{code.co_firstlineno}"
