@@ -481,6 +481,7 @@ class Gate:
         # it on check-in: the caller still needs it to unlock, then closes it.
         async with engine.connect() as sa:
             run_id = await self._open_run(sa, target, revisions_before)
+            await self._warn_about_changed_revisions(conn)
             try:
                 migrated = await self._migrate(sa, run_id)
                 seeded = await self._seed(sa, run_id, done_seeds)
@@ -551,6 +552,34 @@ class Gate:
         await sa.commit()
         return run_id
 
+    async def _warn_about_changed_revisions(self, conn: Any) -> None:
+        """WARN about applied revisions whose file changed since, like Flyway.
+
+        Only here, on the holder's path: the warm path stays one round trip
+        and imports no revision file. ``initgate check`` reports the same.
+        """
+        if self.migrations is None:
+            return
+        recorded = await ledger.read_checksums(
+            conn, self.settings.ledger_schema, self.namespace
+        )
+        runs = {record.revision: record.run_id for record in recorded}
+        changed = self.migrations.changed_since_applied(
+            {record.revision: record.checksum for record in recorded}
+        )
+        for revision in changed:
+            logger.warning(
+                "revision %s was applied by run %d, and its file %s has changed "
+                "since (sha256 %s, now %s): this database did not run what the "
+                "file says now; restore the file and put the change in a new "
+                "revision",
+                revision.revision,
+                runs[revision.revision],
+                revision.path,
+                revision.recorded[:12],
+                revision.current[:12] if revision.current else "unreadable",
+            )
+
     async def _migrate(self, sa: AsyncConnection, run_id: int) -> list[str]:
         if self.migrations is None:
             return []
@@ -618,6 +647,7 @@ class Gate:
                 applied.started_at,
                 applied.finished_at,
                 description=applied.doc,
+                checksum=applied.checksum,
             )
         if error is not None and report.failed_revision is not None:
             started_at = report.applied[-1].finished_at if report.applied else _now()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from alembic import command
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
@@ -19,7 +22,15 @@ from sqlalchemy import Connection
 
 from initgate.errors import ConfigurationError
 
-__all__ = ["AppliedRevision", "Migrations", "UpgradeFailedError", "UpgradeReport"]
+__all__ = [
+    "AppliedRevision",
+    "ChangedRevision",
+    "Migrations",
+    "PendingRevision",
+    "UpgradeFailedError",
+    "UpgradeReport",
+    "file_checksum",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +43,39 @@ class AppliedRevision:
     doc: str | None
     started_at: dt.datetime
     finished_at: dt.datetime
+    checksum: str | None = None
+    """sha256 of the revision file as it was when applied."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChangedRevision:
+    """A revision whose file differs from the one that was applied."""
+
+    revision: str
+    path: str
+    recorded: str
+    """sha256 recorded when the revision was applied."""
+    current: str | None
+    """sha256 of the file now; None when it cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingRevision:
+    """A revision the code has and the database has not applied yet."""
+
+    revision: str
+    doc: str | None
+    path: str
+
+
+def file_checksum(path: str | Path | None) -> str | None:
+    """sha256 (hex) of a revision file's bytes; None when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 @dataclasses.dataclass
@@ -171,6 +215,85 @@ class Migrations:
                 missing.append(revision)
         return missing
 
+    def pending(self, current: list[str]) -> list[PendingRevision]:
+        """The revisions ``upgrade heads`` would apply to ``current``, in order.
+
+        Raises:
+            ConfigurationError: ``current`` names a revision the code lacks,
+                or the revisions do not load.
+        """
+        try:
+            # The same plan alembic.command.upgrade makes for "heads".
+            heads_now: Any = tuple(current)
+            steps = self.script._upgrade_revs("heads", heads_now)
+        except CommandError as exc:
+            raise ConfigurationError(
+                f"alembic revisions under {self.script.dir!r}: {exc}"
+            ) from None
+        return [
+            PendingRevision(
+                step.revision.revision, step.revision.doc, step.revision.path
+            )
+            for step in steps
+        ]
+
+    def revision_path(self, revision: str) -> str | None:
+        """The file of ``revision``; None when the code has no such revision."""
+        try:
+            found = self.script.get_revision(revision)
+        except CommandError:
+            return None
+        return found.path if found is not None else None
+
+    def changed_since_applied(
+        self, recorded: Mapping[str, str]
+    ) -> list[ChangedRevision]:
+        """The revisions whose file's sha256 is no longer the one recorded.
+
+        Args:
+            recorded: Checksum by revision id, as the ledger has them.
+                Revisions the code has no file for are left out: that is
+                a database ahead of the code, reported elsewhere.
+        """
+        changed = []
+        for revision, checksum in sorted(recorded.items()):
+            path = self.revision_path(revision)
+            if path is None:
+                continue
+            current = file_checksum(path)
+            if current != checksum:
+                changed.append(ChangedRevision(revision, path, checksum, current))
+        return changed
+
+    def offline_sql(self, current: list[str]) -> str:
+        """The SQL ``upgrade heads`` would run from ``current``, unexecuted.
+
+        Alembic's offline mode (``alembic upgrade --sql``), through env.py,
+        which must support it (``context.is_offline_mode()``).
+
+        Raises:
+            ConfigurationError: Several current heads (offline mode starts
+                from one revision), or env.py failed in offline mode.
+        """
+        if len(current) > 1:
+            raise ConfigurationError(
+                f"the database is at {len(current)} heads ({', '.join(current)}); "
+                "Alembic's offline mode starts from one revision"
+            )
+        buffer = io.StringIO()
+        config = Config(str(self.config_path), output_buffer=buffer, stdout=buffer)
+        destination = f"{current[0]}:heads" if current else "heads"
+        try:
+            command.upgrade(config, destination, sql=True)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"alembic offline mode (upgrade {destination} --sql) failed in "
+                f"the env.py of {str(self.config_path)!r}: {type(exc).__name__}: "
+                f"{exc}; initgate plan needs an env.py that supports "
+                "context.is_offline_mode()"
+            ) from None
+        return buffer.getvalue()
+
     def upgrade(self, connection: Connection) -> UpgradeReport:
         """Run ``upgrade heads`` through ``env.py`` on ``connection``.
 
@@ -188,8 +311,12 @@ class Migrations:
             nonlocal last_mark
             finished = _now()
             revision = step.up_revision_id or ",".join(step.up_revision_ids)
-            doc = step.up_revision.doc if step.up_revision is not None else None
-            report.applied.append(AppliedRevision(revision, doc, last_mark, finished))
+            script_file = step.up_revision
+            doc = script_file.doc if script_file is not None else None
+            checksum = file_checksum(script_file.path if script_file else None)
+            report.applied.append(
+                AppliedRevision(revision, doc, last_mark, finished, checksum)
+            )
             logger.info("applied revision %s (%s)", revision, doc)
             last_mark = finished
 
