@@ -6,9 +6,11 @@ Where the server comes from, in order of precedence:
    superuser for the ``ddl_log`` fixture). Nothing is started or tuned; each
    test still gets its own database, created and dropped here.
 2. ``INITGATE_TEST_PG=<major>`` (for example ``15``): a throwaway server from
-   the machine's binaries (``/usr/lib/postgresql/<major>/bin``), as CI does
-   for its version matrix. ``INITGATE_TEST_PG=embedded`` or ``=docker``
-   forces one of the two sources below instead.
+   the machine's binaries (``$INITGATE_TEST_PG_ROOT/<major>/bin``, else
+   ``/usr/lib/postgresql/<major>/bin``), as CI does for its version matrix;
+   ``.ci/fetch-postgres`` puts 16 and 17 under such a root.
+   ``INITGATE_TEST_PG=embedded`` or ``=docker`` forces one of the two sources
+   below instead.
 3. testcontainers' ``PostgresContainer``, when a Docker daemon answers (image
    from ``INITGATE_TEST_DOCKER_IMAGE``, default ``postgres:18`` as in the
    compose demo). If the container does not start, a warning says so and the
@@ -47,6 +49,7 @@ import pytest
 from tests import helpers
 from tests.helpers import (
     MAX_SOCKET_DIR_LENGTH,
+    PG_ROOT_VARIABLE,
     DatabaseAdmin,
     DdlLog,
     Herd,
@@ -122,8 +125,10 @@ def _choose_server(environ: Mapping[str, str]) -> ServerChoice:
         if find_pg_bindir(forced) is None:
             raise pytest.UsageError(
                 f"{_SOURCE_VARIABLE}={forced}, but no PostgreSQL {forced} server"
-                f" binaries were found (looked in /usr/lib/postgresql/{forced}/bin"
-                " and pg_config); install them or unset the variable"
+                f" binaries were found (looked in ${PG_ROOT_VARIABLE}/{forced}/bin,"
+                f" /usr/lib/postgresql/{forced}/bin and pg_config); install them"
+                " (.ci/fetch-postgres DIR 16 17 for 16 and 17, then set"
+                f" {PG_ROOT_VARIABLE}=DIR) or unset the variable"
             )
         return ServerChoice(
             "system", f"{_SOURCE_VARIABLE}={forced}", forced, forced=True

@@ -43,6 +43,7 @@ import asyncpg
 
 __all__ = [
     "MAX_SOCKET_DIR_LENGTH",
+    "PG_ROOT_VARIABLE",
     "REPO_ROOT",
     "DatabaseAdmin",
     "DdlEntry",
@@ -1024,12 +1025,20 @@ def wait_for_http(
 # --- PostgreSQL from the machine's binaries ---------------------------------
 
 
+PG_ROOT_VARIABLE = "INITGATE_TEST_PG_ROOT"
+"""A directory of ``<major>/bin`` server builds, as ``.ci/fetch-postgres`` makes."""
+
+
 def find_pg_bindir(major: str) -> Path | None:
     """Find the server binaries of PostgreSQL ``major`` on this machine.
 
-    Looks at Debian's ``/usr/lib/postgresql/<major>/bin``, then at what
+    Looks at ``$INITGATE_TEST_PG_ROOT/<major>/bin`` when that variable is set,
+    then at Debian's ``/usr/lib/postgresql/<major>/bin``, then at what
     ``pg_config --bindir`` reports if ``pg_config --version`` is that major.
     """
+    root = os.environ.get(PG_ROOT_VARIABLE)
+    if root and (Path(root) / major / "bin" / "initdb").exists():
+        return Path(root) / major / "bin"
     debian = Path(f"/usr/lib/postgresql/{major}/bin")
     if (debian / "initdb").exists():
         return debian
