@@ -38,16 +38,13 @@ import time
 import traceback
 from typing import Any
 
-import asyncpg
-import tenacity
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from initgate import ledger, lock
+from initgate import connection, ledger, lock
 from initgate.errors import (
     ConfigurationError,
     DatabaseAheadError,
-    DatabaseUnavailableError,
     FailFastError,
     InitFailedError,
     InitGateError,
@@ -127,19 +124,6 @@ def compute_target(heads: tuple[str, ...] | None, seeds: SeedRegistry) -> str:
         digest.update(b"seed\0" + step.name.encode() + b"\0" + step.version.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]
-
-
-# Errors that mean "try connecting again": the server is starting, restarting
-# or out of connection slots, or the network is not there yet.
-_TRANSIENT = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-)
 
 
 class Gate:
@@ -243,68 +227,7 @@ class Gate:
             server_settings["client_connection_check_interval"] = str(
                 settings.connection_check_interval
             )
-        dsn = settings.url.set(drivername="postgresql").render_as_string(
-            hide_password=False
-        )
-        retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(_TRANSIENT),
-            wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
-            stop=tenacity.stop_after_delay(settings.connect_timeout),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._connect_once(dsn, server_settings)
-        except _TRANSIENT as exc:
-            raise DatabaseUnavailableError(
-                f"could not connect to {settings.masked_url} within "
-                f"{settings.connect_timeout:g} s: {_one_line(exc, settings)}; "
-                "check that PostgreSQL is up and reachable, or raise "
-                "INITGATE_CONNECT_TIMEOUT"
-            ) from None
-        raise AssertionError("unreachable: tenacity either returns or raises")
-
-    async def _connect_once(self, dsn: str, server_settings: dict[str, str]) -> Any:
-        try:
-            return await asyncpg.connect(
-                dsn, server_settings=server_settings, timeout=10
-            )
-        except asyncpg.UndefinedObjectError:
-            # PostgreSQL before 14 has no client_connection_check_interval;
-            # go on without it (a killed holder then keeps the lock until
-            # its statement ends).
-            if server_settings.pop("client_connection_check_interval", None):
-                logger.info(
-                    "server has no client_connection_check_interval "
-                    "(PostgreSQL < 14); a killed holder frees the lock only "
-                    "when its statement ends"
-                )
-                return await self._connect_once(dsn, server_settings)
-            raise
-        except (
-            asyncpg.InvalidPasswordError,
-            asyncpg.InvalidAuthorizationSpecificationError,
-            asyncpg.InvalidCatalogNameError,
-        ) as exc:
-            raise ConfigurationError(
-                f"{self.settings.masked_url}: {_one_line(exc, self.settings)}"
-            ) from None
-        except (ValueError, asyncpg.InterfaceError) as exc:
-            raise ConfigurationError(
-                f"cannot use the database URL {self.settings.masked_url}: "
-                f"{_one_line(exc, self.settings)}"
-            ) from None
-
-    def _log_retry(self, state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        logger.info(
-            "database %s not reachable yet (attempt %d: %s); retrying",
-            self.settings.masked_url,
-            state.attempt_number,
-            _one_line(exc, self.settings) if exc else "?",
-        )
+        return await connection.connect(settings, server_settings)
 
     # -- waiting ----------------------------------------------------------
 
@@ -735,6 +658,15 @@ class Gate:
         tb = self.settings.scrub(
             "".join(traceback.format_exception(cause)) if cause else ""
         )
+        if conn.is_closed():
+            # The session died under the holder (terminated, server gone):
+            # nothing can be recorded on it, and run() decides what next.
+            # The run stays 'running' until the next holder abandons it.
+            return InitFailedError(
+                f"init of {self.namespace!r} lost its session in run {run_id} "
+                f"({error})",
+                run_id=run_id,
+            )
         try:
             if sa.in_transaction():
                 await sa.rollback()
@@ -792,6 +724,4 @@ def _ms_since(start: float) -> float:
 
 
 def _one_line(exc: BaseException, settings: Settings) -> str:
-    """``Type: message`` on one line, with the password scrubbed."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    return settings.scrub(f"{type(exc).__name__}: {message}")
+    return connection.describe_error(exc, settings)

@@ -18,11 +18,10 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import asyncpg
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from initgate import ledger
+from initgate import connection, ledger
 from initgate.errors import InitGateError
 from initgate.gate import Gate, GateResult
 from initgate.seeds import SeedFunction, SeedRegistry
@@ -136,11 +135,7 @@ class InitGate:
         Opens and closes its own short connection.
         """
         settings = self.settings
-        conn = await asyncpg.connect(
-            settings.url.set(drivername="postgresql").render_as_string(
-                hide_password=False
-            )
-        )
+        conn = await connection.connect(settings)
         try:
             runs = await ledger.fetch_runs(
                 conn,

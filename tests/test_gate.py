@@ -389,12 +389,19 @@ async def test_terminated_holder_is_taken_over_and_marked_abandoned(
     killed_at = time.monotonic()
     await db.fetchval("SELECT pg_terminate_backend($1)", backend)
 
-    with pytest.raises(Exception):  # noqa: B017 - any error: its session is gone
-        await holding
     result = await asyncio.wait_for(waiting, timeout=30)
     takeover = time.monotonic() - killed_at
+    # The first gate lost its session under it: it fails, or enters the
+    # gate again on a new session and finds the work done; never both run.
+    [first] = await asyncio.gather(
+        asyncio.wait_for(holding, timeout=30), return_exceptions=True
+    )
 
-    assert result.outcome is Outcome.RAN
+    if isinstance(first, BaseException):
+        assert result.outcome is Outcome.RAN
+    else:
+        outcomes = sorted([result.outcome, first.outcome])
+        assert outcomes == [Outcome.RAN, Outcome.WAITED]
     assert takeover < 3, f"takeover took {takeover:.2f} s"
     statuses = [r["status"] for r in await runs(db)]
     assert statuses == ["abandoned", "succeeded"]

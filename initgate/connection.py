@@ -1,0 +1,130 @@
+"""Opening the gate's asyncpg connections, with retries and clear errors.
+
+Permanent failures (wrong password, missing database, a URL asyncpg cannot
+use) become ConfigurationError at once. Transient ones (the server starting,
+restarting, out of connection slots, not reachable yet) are retried with
+exponential backoff and jitter until the deadline, then become
+DatabaseUnavailableError. No message shows a password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import asyncpg
+import tenacity
+
+from initgate.errors import ConfigurationError, DatabaseUnavailableError
+from initgate.settings import Settings
+
+__all__ = ["TRANSIENT_ERRORS", "connect", "describe_error"]
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+"""Errors after which connecting again may succeed."""
+
+
+def describe_error(exc: BaseException, settings: Settings) -> str:
+    """``Type: message`` on one line, with the password scrubbed."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return settings.scrub(f"{type(exc).__name__}: {message}")
+
+
+async def connect(
+    settings: Settings,
+    server_settings: dict[str, str] | None = None,
+    *,
+    deadline: float | None = None,
+) -> Any:
+    """Open an asyncpg connection to the settings' database.
+
+    Args:
+        settings: Where to connect.
+        server_settings: Session parameters sent in the startup packet, so
+            they cost no round trip.
+        deadline: Seconds to keep retrying transient errors; default
+            ``settings.connect_timeout``.
+
+    Raises:
+        ConfigurationError: Credentials, database name or URL are wrong.
+        DatabaseUnavailableError: Still failing when the deadline passed.
+    """
+    deadline = settings.connect_timeout if deadline is None else deadline
+    dsn = settings.url.set(drivername="postgresql").render_as_string(
+        hide_password=False
+    )
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        logger.info(
+            "database %s not reachable yet (attempt %d: %s); retrying",
+            settings.masked_url,
+            state.attempt_number,
+            describe_error(exc, settings) if exc else "?",
+        )
+
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+        wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+        stop=tenacity.stop_after_delay(deadline),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                return await _connect_once(
+                    settings, dsn, dict(server_settings or {}), deadline
+                )
+    except TRANSIENT_ERRORS as exc:
+        raise DatabaseUnavailableError(
+            f"could not connect to {settings.masked_url} within {deadline:g} s: "
+            f"{describe_error(exc, settings)}; check that PostgreSQL is up and "
+            "reachable, or raise INITGATE_CONNECT_TIMEOUT"
+        ) from None
+    raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+async def _connect_once(
+    settings: Settings, dsn: str, server_settings: dict[str, str], deadline: float
+) -> Any:
+    try:
+        return await asyncpg.connect(
+            dsn, server_settings=server_settings, timeout=min(deadline, 10.0)
+        )
+    except asyncpg.UndefinedObjectError:
+        # PostgreSQL before 14 has no client_connection_check_interval; go
+        # on without it (a killed holder then keeps the lock until its
+        # statement ends).
+        if server_settings.pop("client_connection_check_interval", None):
+            logger.info(
+                "server has no client_connection_check_interval (PostgreSQL "
+                "< 14); a killed holder frees the lock only when its "
+                "statement ends"
+            )
+            return await _connect_once(settings, dsn, server_settings, deadline)
+        raise
+    except (
+        asyncpg.InvalidPasswordError,
+        asyncpg.InvalidAuthorizationSpecificationError,
+        asyncpg.InvalidCatalogNameError,
+    ) as exc:
+        raise ConfigurationError(
+            f"{settings.masked_url}: {describe_error(exc, settings)}"
+        ) from None
+    except (ValueError, asyncpg.InterfaceError) as exc:
+        raise ConfigurationError(
+            f"cannot use the database URL {settings.masked_url}: "
+            f"{describe_error(exc, settings)}"
+        ) from None
