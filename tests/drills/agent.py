@@ -182,7 +182,7 @@ async def _run() -> dict[str, Any]:
         dsn = settings.url.set(drivername="postgresql").render_as_string(
             hide_password=False
         )
-        conn = await asyncpg.connect(dsn)
+        conn = await _connect_when_slots_free(asyncpg, dsn)
         try:
             report["committed_seen"] = await conn.fetchval(
                 "SELECT count(*) FROM init_runs WHERE status = 'succeeded'"
@@ -190,6 +190,19 @@ async def _run() -> dict[str, Any]:
         finally:
             await conn.close()
     return report
+
+
+async def _connect_when_slots_free(asyncpg: Any, dsn: str) -> Any:
+    # In a boot storm the server is out of connection slots for a while;
+    # this look from outside the gate must wait for one like the gate does.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return await asyncpg.connect(dsn)
+        except (asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 def _print(report: dict[str, Any]) -> None:
