@@ -115,6 +115,10 @@ async def _connect_once(
             )
             return await _connect_once(settings, dsn, server_settings, deadline)
         raise
+    except asyncpg.ProtocolViolationError as exc:
+        if "unsupported startup parameter" not in str(exc):
+            raise
+        return await _connect_pooled(settings, dsn, server_settings, deadline)
     except (
         asyncpg.InvalidPasswordError,
         asyncpg.InvalidAuthorizationSpecificationError,
@@ -128,3 +132,60 @@ async def _connect_once(
             f"cannot use the database URL {settings.masked_url}: "
             f"{describe_error(exc, settings)}"
         ) from None
+
+
+# What PgBouncer keeps per client and so accepts in a startup packet; it
+# closes the connection on any other parameter.
+_POOLER_STARTUP_PARAMETERS = frozenset(
+    {
+        "application_name",
+        "client_encoding",
+        "datestyle",
+        "standard_conforming_strings",
+        "timezone",
+    }
+)
+
+
+async def _connect_pooled(
+    settings: Settings, dsn: str, server_settings: dict[str, str], deadline: float
+) -> Any:
+    """Connect through a pooler that refused startup parameters; SET them.
+
+    The SET costs one round trip per connection, only on this path.
+    """
+    startup = {
+        name: value
+        for name, value in server_settings.items()
+        if name.lower() in _POOLER_STARTUP_PARAMETERS
+    }
+    later = {k: v for k, v in server_settings.items() if k not in startup}
+    logger.info(
+        "%s refused the startup parameters %s, as a connection pooler such "
+        "as PgBouncer does; setting them after login instead",
+        settings.masked_url,
+        ", ".join(sorted(later)),
+    )
+    conn = await _connect_once(settings, dsn, startup, deadline)
+    try:
+        await _set_all(conn, later)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def _set_all(conn: Any, values: dict[str, str]) -> None:
+    if not values:
+        return
+    sql = "; ".join(
+        f"SET {name} = '{value.replace(chr(39), chr(39) * 2)}'"
+        for name, value in values.items()
+    )
+    try:
+        await conn.execute(sql)
+    except asyncpg.UndefinedObjectError:
+        # As at login: PostgreSQL before 14 lacks this one setting.
+        if values.pop("client_connection_check_interval", None) is None:
+            raise
+        await _set_all(conn, values)

@@ -5,7 +5,9 @@
     connect (retry until connect_timeout)
     warm check, one round trip ─── up to date ──────────────► PASS
     loop
-        try-lock ─── got it ──► HOLDER
+        try-lock; the first time, check that the session keeps
+            one backend ─── no: a transaction pooler ───────► FAIL
+        got the lock ──► HOLDER
         LISTEN (first time), then read the ledger
             init done ─────────────────────────────────────► PASS
             failed max_attempts times ────────────────────► FAIL FAST
@@ -41,13 +43,14 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from initgate import connection, ledger, lock
+from initgate import connection, ledger, lock, pooler
 from initgate.errors import (
     ConfigurationError,
     DatabaseAheadError,
     FailFastError,
     InitFailedError,
     InitGateError,
+    UnsupportedConnectionError,
     WaitTimeoutError,
 )
 from initgate.ledger import RunStatus, StepKind, StepStatus
@@ -144,6 +147,8 @@ class Gate:
         self.key = lock.LockKey.for_namespace(self.namespace)
         self.phase = Phase.IDLE
         self.hostname = socket.gethostname()
+        self.backend_pid: int | None = None
+        """The backend pid of the gate's session, once it tried the lock."""
 
     def application_name(self) -> str:
         """``initgate:<namespace>:<host>:<pid>``, as ``pg_stat_activity`` shows.
@@ -173,6 +178,8 @@ class Gate:
             FailFastError: Init for this target failed ``max_attempts`` times.
             WaitTimeoutError: The holder did not finish within ``wait_timeout``.
             DatabaseAheadError: The database has revisions the code lacks.
+            UnsupportedConnectionError: The connection does not keep one
+                session (a pooler in transaction mode); nothing was written.
         """
         started = time.monotonic()
         try:
@@ -205,7 +212,14 @@ class Gate:
                     result.elapsed_ms,
                 )
                 return result
-            return await self._wait_or_hold(conn, started, target, warm_sql)
+            try:
+                return await self._wait_or_hold(conn, started, target, warm_sql)
+            except pooler.SHARED_SESSION_ERRORS as exc:
+                # Only from before holding: a holder's own errors are
+                # recorded in its run and raised as InitFailedError.
+                raise pooler.shared_session_error(
+                    exc, self.settings.masked_url
+                ) from None
         finally:
             await conn.close()
 
@@ -213,6 +227,9 @@ class Gate:
 
     async def _connect(self) -> Any:
         self.phase = Phase.CONNECTING
+        return await connection.connect(self.settings, self._server_settings())
+
+    def _server_settings(self) -> dict[str, str]:
         settings = self.settings
         server_settings = {
             "application_name": self.application_name(),
@@ -227,7 +244,29 @@ class Gate:
             server_settings["client_connection_check_interval"] = str(
                 settings.connection_check_interval
             )
-        return await connection.connect(settings, server_settings)
+        return server_settings
+
+    async def _check_session(
+        self, conn: Any, backend_pid: int, holding: bool
+    ) -> pooler.SessionCheck:
+        """Fail unless the connection keeps one backend (no transaction pooler)."""
+
+        async def open_probe() -> Any:
+            return await connection.connect(self.settings, self._server_settings())
+
+        try:
+            return await pooler.check_session(
+                conn,
+                self.key,
+                backend_pid,
+                holding=holding,
+                open_probe=open_probe,
+                where=self.settings.masked_url,
+            )
+        except UnsupportedConnectionError:
+            if holding:
+                await pooler.release_lock(conn, self.key)
+            raise
 
     # -- waiting ----------------------------------------------------------
 
@@ -244,8 +283,15 @@ class Gate:
         def on_notify(*_: Any) -> None:
             wake.set()
 
+        session: pooler.SessionCheck | None = None
         while True:
-            if await lock.try_lock(conn, self.key):
+            got, backend_pid = await lock.try_lock_in_backend(conn, self.key)
+            if session is None:
+                # Once, on the first try: free on a direct connection, a few
+                # queries behind a pooler. Nothing is written before it.
+                session = await self._check_session(conn, backend_pid, got)
+                self.backend_pid = session.backend_pid
+            if got:
                 waited = _ms_since(wait_started) if listening else 0.0
                 return await self._hold(conn, started, target, warm_sql, waited)
             if not listening:
@@ -339,10 +385,10 @@ class Gate:
     ) -> GateResult:
         self.phase = Phase.HOLDING
         logger.info(
-            "took the init lock %s of %r (backend pid %d)",
+            "took the init lock %s of %r (backend pid %s)",
             self.key,
             self.namespace,
-            conn.get_server_pid(),
+            self.backend_pid,
         )
         try:
             if await ledger.is_warm(conn, warm_sql):
@@ -466,7 +512,9 @@ class Gate:
             target=target,
             hostname=self.hostname,
             pid=os.getpid(),
-            backend_pid=raw.driver_connection.get_server_pid(),
+            # Behind a session pooler the connection's own key names no
+            # backend; the pid the try-lock reported does.
+            backend_pid=self.backend_pid or raw.driver_connection.get_server_pid(),
             revision_from=",".join(revisions_before) or None,
             code_version=self.settings.code_version,
         )

@@ -19,7 +19,15 @@ import datetime as dt
 import hashlib
 from typing import Any
 
-__all__ = ["CLASSID", "HolderInfo", "LockKey", "find_holder", "try_lock", "unlock"]
+__all__ = [
+    "CLASSID",
+    "HolderInfo",
+    "LockKey",
+    "find_holder",
+    "try_lock",
+    "try_lock_in_backend",
+    "unlock",
+]
 
 CLASSID = 0x69676174
 """``classid`` of every initgate lock: the bytes ``igat`` as a 32-bit int."""
@@ -82,6 +90,21 @@ async def try_lock(conn: Any, key: LockKey) -> bool:
         "SELECT pg_try_advisory_lock($1, $2)", key.classid, key.objid
     )
     return got
+
+
+async def try_lock_in_backend(conn: Any, key: LockKey) -> tuple[bool, int]:
+    """Like :func:`try_lock`, also returning the pid of the backend that ran it.
+
+    The pid costs nothing extra (same statement) and is what tells whether
+    a pooler sits between the client and its backend; see
+    :mod:`initgate.pooler`.
+    """
+    row = await conn.fetchrow(
+        "SELECT pg_try_advisory_lock($1, $2), pg_backend_pid()",
+        key.classid,
+        key.objid,
+    )
+    return bool(row[0]), int(row[1])
 
 
 async def unlock(conn: Any, key: LockKey) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,17 @@ class Settings(BaseSettings):
     )
     """PostgreSQL URL (``postgresql://``); the password is kept secret."""
 
+    gate_database_url: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("INITGATE_GATE_DATABASE_URL")
+    )
+    """A URL for initgate's own sessions only: the gate, its CLI and history.
+
+    Needed when ``database_url`` goes through a pooler in transaction mode
+    (PgBouncer ``pool_mode=transaction``), where a session-level lock cannot
+    hold: point this at PostgreSQL itself (or at a session-mode pool) and let
+    the app's traffic use the pooler. Default: ``database_url``.
+    """
+
     alembic_config: Path | None = Path("alembic.ini")
     """Path of ``alembic.ini``; empty disables migrations (seed steps only)."""
 
@@ -170,6 +182,24 @@ class Settings(BaseSettings):
         _parse_url(value.get_secret_value())
         return value
 
+    @field_validator("gate_database_url")
+    @classmethod
+    def _check_gate_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                _parse_url(value.get_secret_value())
+            except ConfigurationError as exc:
+                problem = str(exc).replace("the database URL", "the URL", 1)
+                raise ConfigurationError(
+                    f"INITGATE_GATE_DATABASE_URL: {problem}"
+                ) from None
+        return value
+
+    @field_validator("gate_database_url", mode="before")
+    @classmethod
+    def _empty_url_means_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Read the environment, with keyword arguments taking precedence.
@@ -185,24 +215,42 @@ class Settings(BaseSettings):
 
     @property
     def url(self) -> sqlalchemy.URL:
-        """The database URL, parsed (password included: do not log it)."""
-        return _parse_url(self.database_url.get_secret_value())
+        """The URL initgate connects to, parsed (password included: do not log).
+
+        ``gate_database_url`` when set, else ``database_url``.
+        """
+        chosen = self.gate_database_url or self.database_url
+        return _parse_url(chosen.get_secret_value())
 
     @property
     def masked_url(self) -> str:
-        """The database URL with its password masked, for messages and logs."""
+        """:attr:`url` with its password masked, for messages and logs."""
         return mask_url(self.url)
 
     @property
     def effective_namespace(self) -> str:
-        """The namespace given, or ``<database>:<ledger schema>``."""
+        """The namespace given, or ``<database>:<ledger schema>``.
+
+        The database is that of :attr:`url`, where the lock and the ledger
+        live: a pooler's alias for it in ``database_url`` does not count, so
+        moving the app's traffic onto a pooler keeps the namespace.
+        """
         return self.namespace or f"{self.url.database}:{self.ledger_schema}"
 
     def scrub(self, text: str) -> str:
-        """Remove the password from free text (errors, tracebacks) before storing."""
-        password = self.url.password
-        if password:
-            text = text.replace(str(password), "***")
+        """Remove passwords from free text (errors, tracebacks) before storing."""
+        for secret in (self.database_url, self.gate_database_url):
+            password = (
+                _parse_url(secret.get_secret_value()).password if secret else None
+            )
+            if password:
+                # Also as a URL carries it: percent-encoded, either way.
+                for form in {
+                    str(password),
+                    urllib.parse.quote(str(password), safe=""),
+                    urllib.parse.quote_plus(str(password), safe=""),
+                }:
+                    text = text.replace(form, "***")
         return text
 
 

@@ -151,3 +151,33 @@ async def test_password_never_reaches_messages_logs_or_rows(
     stored = " ".join(str(v) for row in [*rows, *steps] for v in row.values())
     assert "could not load data" in stored
     assert CANARY not in stored
+
+
+def test_gate_url_is_what_initgate_connects_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://app:{CANARY}@pooler:6432/alias")
+    assert Settings.from_env().url.host == "pooler"
+
+    monkeypatch.setenv(
+        "INITGATE_GATE_DATABASE_URL", f"postgresql://gate:{CANARY}x@db:5432/app"
+    )
+    settings = Settings.from_env()
+
+    assert (settings.url.host, settings.url.port) == ("db", 5432)
+    # The lock and the ledger live in the real database, not the alias.
+    assert settings.effective_namespace == "app:public"
+    assert CANARY not in settings.masked_url
+    assert CANARY not in settings.scrub(f"failed: {CANARY} and {CANARY}x")
+
+
+def test_bad_gate_url_is_named_by_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@h/app")
+    monkeypatch.setenv("INITGATE_GATE_DATABASE_URL", f"mysql://u:{CANARY}@h/app")
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env()
+    assert str(raised.value).startswith("INITGATE_GATE_DATABASE_URL: ")
+    assert CANARY not in str(raised.value)
+
+    monkeypatch.setenv("INITGATE_GATE_DATABASE_URL", "")
+    assert Settings.from_env().url.host == "h"
