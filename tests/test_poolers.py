@@ -139,13 +139,15 @@ def demo_gate(database_url: str, **settings: object) -> tuple[InitGate, list[str
     return gate, ran
 
 
+@pytest.mark.parametrize("pool_mode", ["transaction", "statement"])
 async def test_transaction_pooling_is_refused_before_anything_is_written(
     pgbouncer: MakeBouncer,
     fresh_database: str,
     direct_db: DatabaseAdmin,
     direct_ddl_log: DdlLog,
+    pool_mode: str,
 ) -> None:
-    bouncer = pgbouncer("transaction")
+    bouncer = pgbouncer(pool_mode)
     gate, ran = demo_gate(bouncer.url_for(fresh_database))
 
     with pytest.raises(UnsupportedConnectionError) as raised:
