@@ -310,8 +310,8 @@ def render(records: Records, pytest_line: str, took: float, command: str) -> str
     )
     out += _single(
         "Secrets: the drill role's canary password",
-        "never in any agent's output or events, CLI output, or stored row. "
-        "Known gap (strict xfail): the percent-encoded form survives scrubbing.",
+        "never in any agent's output or events, CLI output, or stored row, "
+        "neither plain nor percent-encoded.",
         records.get("secrets", []),
         ["files", "texts", "rows", "leaks", "encoded_leaks", "encoded_where"],
         "python -m pytest -m slow tests/drills",

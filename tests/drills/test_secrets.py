@@ -68,13 +68,8 @@ async def test_canary_password_stays_out_of_cli_output_logs_and_rows(
         assert CANARY not in done.stdout + done.stderr
 
 
-# Known gap: Settings.scrub replaces the decoded password only, so a URL
-# quoted into an error keeps it percent-encoded (trivially decoded) in the
-# stored error, the traceback and the CLI's message. Strict, so that the fix
-# turns this red until the marker goes.
-@pytest.mark.xfail(
-    strict=True, reason="scrub misses the percent-encoded password in a quoted URL"
-)
+# A URL quoted into an error carries the password percent-encoded, which is
+# as good as plain; scrubbing must catch that form too.
 async def test_percent_encoded_password_stays_out_of_cli_output_and_rows(
     secret_scan: SecretScan,
 ) -> None:
