@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import herd, postgres, report, scenarios
-from bench.strategies import STRATEGIES, by_name
+from bench.strategies import FLOORS, STRATEGIES, by_name
 from bench.workload import Workload
 
 __all__ = ["main"]
@@ -197,7 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(line: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {line}", flush=True)
 
-    results: dict[str, Any] = {"strategies": strategies_info}
+    results: dict[str, Any] = {
+        "strategies": strategies_info,
+        "floors": [
+            {"name": f.name, "title": f.title, "summary": f.summary} for f in FLOORS
+        ],
+    }
     try:
         with postgres.started_server(
             args.database_url, max_connections=needed

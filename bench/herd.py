@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.strategies import STRATEGIES
+from bench.strategies import FLOORS, STRATEGIES
 from bench.worker import WorkerSpec, main
 
 __all__ = ["Barrier", "Herd", "fork_server", "import_seconds"]
@@ -35,7 +35,7 @@ __all__ = ["Barrier", "Herd", "fork_server", "import_seconds"]
 _PRELOAD = [
     "bench.worker",
     "bench.strategies.base",
-    *(s.module for s in STRATEGIES),
+    *(s.module for s in (*STRATEGIES, *FLOORS)),
     "psycopg",
 ]
 
@@ -164,6 +164,23 @@ class Herd:
                 yield self.events.get(timeout=max(remaining, 0.0))
             except queue.Empty:
                 return
+
+    def cpu_seconds(self) -> float:
+        """CPU time the live processes have used so far (Linux ``/proc``)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for process in self.processes:
+            if process.pid is None or process.exitcode is not None:
+                continue
+            try:
+                stat = Path(f"/proc/{process.pid}/stat").read_text()
+            except OSError:
+                continue  # Exited between the check and the read.
+            # Fields after the parenthesised command name; utime and stime
+            # are the 14th and 15th fields of the whole line.
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / ticks
 
     def exit_codes(self) -> list[int | None]:
         """Each process's exit code, None while it runs."""

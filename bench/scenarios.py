@@ -17,7 +17,7 @@ from typing import Any
 from bench import postgres, workload
 from bench.herd import Barrier, Herd
 from bench.proxy import RoundTripProxy
-from bench.strategies import Strategy, by_name
+from bench.strategies import FLOORS, Strategy, by_name
 from bench.trial import Trial, run_trial
 from bench.worker import WorkerSpec
 
@@ -208,7 +208,9 @@ def warm(server: postgres.Server, plan: Plan, say: Progress) -> list[dict[str, A
     chosen = [
         s for s in plan.strategies if plan.warm_only is None or s.name in plan.warm_only
     ]
-    variants: list[tuple[Strategy, str]] = [(s, "") for s in chosen]
+    # Connecting alone first: the floor under every strategy's figure.
+    variants: list[tuple[Strategy, str]] = [(f, "") for f in FLOORS]
+    variants += [(s, "") for s in chosen]
     if any(s.name == "initgate" for s in chosen):
         index = next(i for i, v in enumerate(variants) if v[0].name == "initgate")
         variants.insert(index + 1, (by_name("initgate"), "no heads cache"))
@@ -237,7 +239,13 @@ def _warm_one(
     user: str,
 ) -> dict[str, Any]:
     project = _project(plan, strategy.name, plan.workload)
-    setup = _trial(server, plan, "setup", strategy, 1, url, project, plan.workload)
+    floor = strategy in FLOORS
+    # A floor only connects: its database needs no migrating.
+    setup = (
+        None
+        if floor
+        else _trial(server, plan, "setup", strategy, 1, url, project, plan.workload)
+    )
     cache = project / "versions" / "__pycache__" / "initgate-heads.json"
     database = url.split("?")[0].rsplit("/", 1)[-1]
 
@@ -272,7 +280,7 @@ def _warm_one(
             singles.append(record["boot_ms"]["p50"])
 
     together: dict[str, Any] = {"n": plan.warm_n, "skipped": True}
-    if plan.warm_n > 0:
+    if plan.warm_n > 0 and not floor:
         if variant:
             cache.unlink(missing_ok=True)
         together = _trial(
@@ -281,7 +289,8 @@ def _warm_one(
     return {
         "strategy": strategy.name,
         "variant": variant,
-        "setup_ok": setup["ready"] == 1,
+        "floor": floor,
+        "setup_ok": setup is None or setup["ready"] == 1,
         "single_ms": _median(singles),
         "single_ms_all": [round(v, 2) for v in singles],
         "round_trips": counted.get("round_trips"),

@@ -73,6 +73,11 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+# CPU seconds the herd must use during a stall window to count as busy: well
+# above what idle waiters polling once a second use, far below real work.
+_BUSY_CPU_SECONDS = 0.5
+
+
 def run_trial(server: postgres.Server, trial: Trial) -> dict[str, Any]:
     """Run ``trial`` and return its record (see the module docstring)."""
     trial.workdir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +150,7 @@ def _watch(
             crashed[event["index"]] = event
     started = time.monotonic()
     last_progress = started
+    cpu_mark = herd.cpu_seconds()
     trace_size = 0
     ended = "finished"
     evidence: list[str] = []
@@ -176,6 +182,13 @@ def _watch(
         if now - started > trial.cap:
             ended = "capped"
         elif now - last_progress > trial.stall:
+            # Workers starved of CPU (a busy machine, 128 of them on 2
+            # cores) report nothing for a while but keep computing; only
+            # workers that also sit idle are stuck.
+            cpu = herd.cpu_seconds()
+            if cpu - cpu_mark > _BUSY_CPU_SECONDS:
+                last_progress, cpu_mark = now, cpu
+                continue
             ended = "stalled"
         else:
             continue
@@ -260,10 +273,17 @@ def _record(
 
     offsets = sorted((e["ready_at"] - released) for e in ready.values())
     holder_commit, holder_ms, ran_pids = _holder(facts, ready, pids.get(head, set()))
+    holder_start = (
+        holder_commit - holder_ms / 1000
+        if holder_commit is not None and holder_ms is not None
+        else None
+    )
     wake = [
         (e["ready_at"] - holder_commit) * 1000
         for e in ready.values()
-        if holder_commit is not None and e["pid"] not in ran_pids
+        if holder_commit is not None
+        and e["pid"] not in ran_pids
+        and trial.scenario in ("cold", "rolling")
     ]
     errors = collections.Counter(_error_kind(e["error"]) for e in crashed.values())
     all_ready = len(ready) == trial.n
@@ -285,6 +305,14 @@ def _record(
         "boot_ms": _summary([e["boot_ms"] for e in ready.values()]),
         "wake_ms": _summary(wake, p99=True) if wake else None,
         "migration_ms": _round(holder_ms, 1),
+        # When the holder began (initgate: its run row) and committed, both
+        # from the release: the rest of "all ready" is before and after.
+        "holder_started_s": _round(
+            holder_start - released if holder_start is not None else None, 4
+        ),
+        "holder_committed_s": _round(
+            holder_commit - released if holder_commit is not None else None, 4
+        ),
         "migrations_started": len(pids.get(first, set())),
         "migrations_completed": len(pids.get(head, set())),
         "seed_runs": runs.get("seed", 0),
@@ -300,7 +328,8 @@ def _record(
             max(counts.opened.values(), default=0) if counts and counts.exact else None
         ),
         "connections_exact": counts.exact if counts else None,
-        "held_after_ready": run["held"],
+        # Only meaningful once every worker has finished booting.
+        "held_after_ready": run["held"] if run["ended"] == "finished" else None,
         "errors": dict(errors.most_common(3)),
         "evidence": run["evidence"],
         "outcomes": dict(

@@ -129,6 +129,7 @@ async def _boot(spec: WorkerSpec, events: Any, base: dict[str, Any], app: str) -
             "went_at": went_at,
             "ready_at": ready_at,
             "boot_ms": (ready_at - went_at) * 1000,
+            "started_at": ctx.started_at,
             "commit_at": ctx.commit_at,
             "init_ms": ctx.init_ms,
             "info": ctx.info,

@@ -15,7 +15,7 @@ import importlib
 import importlib.metadata
 from collections.abc import Mapping
 
-__all__ = ["STRATEGIES", "Strategy", "by_name"]
+__all__ = ["FLOORS", "STRATEGIES", "Strategy", "by_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,13 +126,32 @@ STRATEGIES: tuple[Strategy, ...] = (
 )
 
 
+FLOORS: tuple[Strategy, ...] = (
+    Strategy(
+        "floor_asyncpg",
+        "connect + close (asyncpg)",
+        "floor",
+        "no coordination: the connection initgate's warm path needs anyway",
+        "bench.strategies.floor_asyncpg",
+    ),
+    Strategy(
+        "floor_psycopg",
+        "connect + close (psycopg)",
+        "floor",
+        "no coordination: the connection the other strategies need anyway",
+        "bench.strategies.floor_psycopg",
+    ),
+)
+"""Not strategies: what connecting alone costs, measured in the warm boot."""
+
+
 def by_name(name: str) -> Strategy:
     """Look a strategy up by its name.
 
     Raises:
         KeyError: No such strategy; the message lists the known names.
     """
-    for strategy in STRATEGIES:
+    for strategy in (*STRATEGIES, *FLOORS):
         if strategy.name == name:
             return strategy
     known = ", ".join(s.name for s in STRATEGIES)

@@ -32,8 +32,9 @@ class WorkerContext:
         params: Strategy settings (poll intervals, delays).
         app_name: ``application_name`` for connections the strategy opens
             itself; the bench maps connections to workers by it.
+        started_at: ``time.time()`` when this worker began its upgrade.
         commit_at: ``time.time()`` when this worker's upgrade and seed had
-            committed (set by :func:`upgrade_and_seed`).
+            committed (both set by :func:`upgrade_and_seed`).
         init_ms: How long this worker spent in upgrade and seed.
         info: Anything else the strategy wants in the report.
         prepared: Whatever the strategy's ``prepare(ctx)`` built before the
@@ -46,6 +47,7 @@ class WorkerContext:
     seed_rows: int
     params: Mapping[str, float]
     app_name: str
+    started_at: float | None = None
     commit_at: float | None = None
     init_ms: float | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -75,7 +77,7 @@ def upgrade_and_seed(ctx: WorkerContext, connection: Connection | None) -> None:
     lock. Without one, ``env.py`` connects by itself, like the CLI, and the
     seed opens one more connection afterwards.
     """
-    started = time.time()
+    ctx.started_at = time.time()
     config = Config(str(ctx.alembic_ini))
     if connection is not None:
         config.attributes["connection"] = connection
@@ -93,4 +95,4 @@ def upgrade_and_seed(ctx: WorkerContext, connection: Connection | None) -> None:
         finally:
             engine.dispose()
     ctx.commit_at = time.time()
-    ctx.init_ms = (ctx.commit_at - started) * 1000
+    ctx.init_ms = (ctx.commit_at - ctx.started_at) * 1000
