@@ -48,7 +48,7 @@ _MODES: dict[str, dict[str, Any]] = {
         "cap": 30.0,
         "stall": 15.0,
         "baseline_reps": 3,
-        "warm_reps": 4,
+        "warm_reps": 6,
         "warm_n": 8,
         "rolling_n": 8,
         "readers": 4,

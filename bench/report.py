@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def machine(server: Any) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             packages[name] = None
     return {
+        "source": _source_revision(),
         "cores": os.cpu_count(),
         "ram_gb": ram_gb,
         "python": platform.python_version(),
@@ -65,6 +67,23 @@ def machine(server: Any) -> dict[str, Any]:
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "packages": packages,
     }
+
+
+def _source_revision() -> str | None:
+    """The commit the bench ran from, with a note if initgate/ had edits."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "initgate")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + (" with uncommitted changes to initgate/" if dirty else "")
 
 
 # -- targets ------------------------------------------------------------------
@@ -423,12 +442,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _machine_line(meta: dict[str, Any]) -> str:
     m = meta["machine"]
+    source = f"; initgate at {m['source']}" if m.get("source") else ""
     return (
         f"{m['cores']} cores, {m['ram_gb']} GB RAM, Python {m['python']}, "
         f"PostgreSQL {m['postgresql']} ({m['postgresql_source']}, "
         f"max_connections {m['max_connections']}), {m['platform']}; "
         f"load average {m['load_average_before']} before, "
-        f"{meta.get('load_average_after')} after"
+        f"{meta.get('load_average_after')} after{source}"
     )
 
 
