@@ -47,6 +47,7 @@ from initgate import connection, ledger, lock, pooler
 from initgate.errors import (
     ConfigurationError,
     DatabaseAheadError,
+    DatabaseUnavailableError,
     FailFastError,
     InitFailedError,
     InitGateError,
@@ -129,6 +130,10 @@ def compute_target(heads: tuple[str, ...] | None, seeds: SeedRegistry) -> str:
     return digest.hexdigest()[:32]
 
 
+_MAX_SESSION_LOSSES = 3
+"""Times one ``run()`` enters the gate again after its session died."""
+
+
 class Gate:
     """Runs the protocol for one namespace; one ``run()`` per worker start."""
 
@@ -199,6 +204,16 @@ class Gate:
             heads,
             self.settings.version_table,
         )
+        losses = 0
+        while True:
+            try:
+                return await self._enter(started, target, warm_sql)
+            except _SessionLost as lost:
+                losses += 1
+                self._after_session_loss(lost, losses)
+
+    async def _enter(self, started: float, target: str, warm_sql: str) -> GateResult:
+        """One pass through the protocol on one session."""
         conn = await self._connect()
         try:
             self.phase = Phase.CHECKING
@@ -220,8 +235,39 @@ class Gate:
                 raise pooler.shared_session_error(
                     exc, self.settings.masked_url
                 ) from None
+        except Exception as exc:
+            if conn.is_closed():
+                raise _SessionLost(self.phase, exc) from exc
+            raise
         finally:
             await conn.close()
+
+    def _after_session_loss(self, lost: _SessionLost, losses: int) -> None:
+        """Enter the gate again on a new session, or give up after a few losses.
+
+        A dead session (server restart, terminated backend, broken network)
+        took its lock with it, and a holder wrote everything through it, so
+        its unfinished run is only a 'running' row for the next holder to
+        mark abandoned. Entering again is what a worker starting now would
+        do. Bounded, so that a step that kills its session every time ends
+        in an error instead of a loop.
+        """
+        reason = _one_line(lost.error, self.settings)
+        if losses > _MAX_SESSION_LOSSES:
+            raise DatabaseUnavailableError(
+                f"lost the session to {self.settings.masked_url} {losses} times "
+                f"during init of {self.namespace!r} (last while "
+                f"{lost.phase.value}: {reason}); look at the server's log"
+            ) from None
+        logger.warning(
+            "lost the session to %s while %s (%s); its lock went with it; "
+            "entering the gate again on a new session (%d of %d)",
+            self.settings.masked_url,
+            lost.phase.value,
+            reason,
+            losses,
+            _MAX_SESSION_LOSSES,
+        )
 
     # -- connecting -------------------------------------------------------
 
@@ -747,6 +793,15 @@ class Gate:
             f"init of {self.namespace!r} failed (run {run_id}): {error}",
             run_id=run_id,
         )
+
+
+class _SessionLost(Exception):
+    """Internal: the gate's session died under it while in ``phase``."""
+
+    def __init__(self, phase: Phase, error: Exception) -> None:
+        super().__init__(f"session lost while {phase.value}")
+        self.phase = phase
+        self.error = error
 
 
 class _StepFailed(Exception):

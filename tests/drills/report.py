@@ -236,8 +236,7 @@ def render(records: Records, pytest_line: str, took: float, command: str) -> str
     out += _single(
         "PostgreSQL restarted while 16 workers boot",
         "workers retry until INITGATE_CONNECT_TIMEOUT and all become ready, "
-        "with one init. Known gap (strict xfail): the gate retries only its "
-        "first connect, so sessions lost at the restart end those workers.",
+        "with one init: sessions lost at the restart enter the gate again.",
         records.get("restart", []),
         [
             "outcomes",

@@ -62,16 +62,9 @@ async def _database(server: DrillPostgres) -> tuple[str, str]:
     return name, server.role_url(name)
 
 
-# Known gap, recorded by this drill: the gate retries only its first
-# connect. A session that dies later (here: every session, at the restart)
-# ends that worker's gate with the driver's error, instead of entering the
-# gate again on a new session. Strict, so that the fix turns this red until
-# the marker goes.
-@pytest.mark.xfail(
-    strict=True,
-    reason="a session lost after connecting is not re-entered: workers fail "
-    "with InterfaceError: connection is closed",
-)
+# Every session dies at the restart, the holder's included: workers enter
+# the gate again on new sessions (after connect retries while the server is
+# down), and the next holder marks the dead run abandoned.
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 async def test_restart_while_16_workers_boot_ends_with_all_ready_and_one_init(
     mode: str,
