@@ -40,6 +40,7 @@ import time
 import traceback
 from typing import Any
 
+import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -495,7 +496,12 @@ class Gate:
         # StaticPool hands out this one asyncpg connection and never closes
         # it on check-in: the caller still needs it to unlock, then closes it.
         async with engine.connect() as sa:
-            run_id = await self._open_run(sa, target, revisions_before)
+            try:
+                run_id = await self._open_run(sa, target, revisions_before)
+            except sqlalchemy.exc.DBAPIError as exc:
+                if conn.is_closed():
+                    raise
+                raise self._ledger_error(exc) from None
             await self._warn_about_changed_revisions(conn)
             try:
                 migrated = await self._migrate(sa, run_id)
@@ -568,6 +574,33 @@ class Gate:
         # visible 'running' row for the next holder to mark abandoned.
         await sa.commit()
         return run_id
+
+    def _ledger_error(self, exc: sqlalchemy.exc.DBAPIError) -> ConfigurationError:
+        """Say in one line why the ledger could not be written, and what to do."""
+        cause = exc.orig.__cause__ if exc.orig is not None else None
+        driver_error = cause if isinstance(cause, Exception) else exc
+        reason = " ".join(str(getattr(driver_error, "args", [""])[0]).split())
+        sqlstate = getattr(driver_error, "sqlstate", None)
+        where = (
+            f"the ledger in schema {self.settings.ledger_schema!r} on "
+            f"{self.settings.masked_url}"
+        )
+        if sqlstate == "25006":
+            advice = (
+                "the session is read-only (a hot standby, or "
+                "default_transaction_read_only); point the gate at the primary"
+            )
+        elif sqlstate == "42501":
+            advice = (
+                "grant this role CREATE on the schema (and on the database if "
+                "the schema does not exist yet), or let a role that has it run "
+                "`initgate run` once; `initgate check` lists what is missing"
+            )
+        else:
+            advice = "see the server's log"
+        return ConfigurationError(
+            self.settings.scrub(f"cannot write {where}: {reason}; {advice}")
+        )
 
     async def _warn_about_changed_revisions(self, conn: Any) -> None:
         """WARN about applied revisions whose file changed since, like Flyway.

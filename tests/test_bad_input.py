@@ -203,16 +203,6 @@ def test_two_seed_steps_with_one_name_are_refused_at_registration() -> None:
     assert_one_clear_line(raised.value, "two seed steps are named 'countries'")
 
 
-# Known gap: the ledger's DDL and the run row are written before the gate's
-# step error handling, so a database error there escapes as SQLAlchemy's
-# multi-line ProgrammingError (with the SQL) instead of one line. Strict, so
-# that the fix turns these red until the markers go.
-_RAW_LEDGER_ERROR = pytest.mark.xfail(
-    strict=True, reason="ledger DDL errors escape as raw multi-line SQLAlchemy errors"
-)
-
-
-@_RAW_LEDGER_ERROR
 async def test_role_without_create_rights_fails_in_one_line_writing_nothing(
     scram_roles: DrillPostgres, scram_database: str, tmp_path: Path
 ) -> None:
@@ -226,7 +216,6 @@ async def test_role_without_create_rights_fails_in_one_line_writing_nothing(
     assert await nothing_written(scram_roles, scram_database)
 
 
-@_RAW_LEDGER_ERROR
 async def test_read_only_session_fails_in_one_line_writing_nothing(
     scram_roles: DrillPostgres, scram_database: str, tmp_path: Path
 ) -> None:
