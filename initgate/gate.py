@@ -41,6 +41,7 @@ import traceback
 from typing import Any
 
 import sqlalchemy.exc
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -56,7 +57,12 @@ from initgate.errors import (
     WaitTimeoutError,
 )
 from initgate.ledger import RunStatus, StepKind, StepStatus
-from initgate.migrate import Migrations, UpgradeFailedError, UpgradeReport
+from initgate.migrate import (
+    AppliedRevision,
+    Migrations,
+    UpgradeFailedError,
+    UpgradeReport,
+)
 from initgate.seeds import SeedRegistry, SeedStep
 from initgate.settings import Settings
 
@@ -639,8 +645,29 @@ class Gate:
         # fails if one is already open on the connection it is given.
         await sa.commit()
         before = time.monotonic()
+        schema = self.settings.ledger_schema
+
+        def record(conn: Connection, applied: AppliedRevision) -> None:
+            # Inside the revision's own transaction: the step row commits
+            # with the revision, or rolls back with it, even if this holder
+            # dies before the upgrade ends.
+            conn.execute(
+                *ledger.step_insert(
+                    schema,
+                    run_id,
+                    StepKind.MIGRATION,
+                    applied.revision,
+                    None,
+                    StepStatus.SUCCEEDED,
+                    applied.started_at,
+                    applied.finished_at,
+                    description=applied.doc,
+                    checksum=applied.checksum,
+                )
+            )
+
         try:
-            report = await sa.run_sync(migrations.upgrade)
+            report = await sa.run_sync(migrations.upgrade, record)
         except UpgradeFailedError as exc:
             await sa.rollback()
             cause = exc.__cause__ or exc
@@ -677,13 +704,19 @@ class Gate:
         report: UpgradeReport,
         error: str | None = None,
     ) -> None:
-        """One step row per revision that committed, and one for a failure."""
+        """Step rows not written during the upgrade, and one for a failure.
+
+        Revisions env.py ran on another connection (it ignored the gate's)
+        are recorded here, after the fact, if they committed.
+        """
         schema = self.settings.ledger_schema
         committed = set(
             await ledger.read_revisions(await _driver(sa), self.settings.version_table)
         )
         ancestors = self.migrations.ancestors(committed) if self.migrations else set()
         for applied in report.applied:
+            if applied.revision in report.recorded:
+                continue  # Written in the revision's own transaction.
             if applied.revision not in ancestors:
                 continue  # Rolled back with a later revision's transaction.
             await ledger.insert_step(

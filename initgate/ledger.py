@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "read_ledger_version",
     "read_revisions",
     "read_state",
+    "step_insert",
     "unreset_failures",
 ]
 
@@ -506,8 +507,7 @@ async def finish_run(
     )
 
 
-async def insert_step(
-    conn: AsyncConnection,
+def step_insert(
     schema: str,
     run_id: int,
     kind: StepKind,
@@ -519,29 +519,32 @@ async def insert_step(
     error: str | None = None,
     description: str | None = None,
     checksum: str | None = None,
-) -> None:
-    """Record one step of a run; ``checksum`` for a migration's file."""
-    await conn.execute(
-        text(
-            f"INSERT INTO {quote_ident(schema)}.init_steps (run_id, kind, name, "
-            "version, description, status, started_at, finished_at, duration_ms, "
-            "error, checksum) VALUES (:run_id, :kind, :name, :version, "
-            ":description, :status, :started, :finished, :ms, :error, :checksum)"
-        ),
-        {
-            "run_id": run_id,
-            "kind": kind.value,
-            "name": name,
-            "version": version,
-            "status": status.value,
-            "started": started_at,
-            "finished": finished_at,
-            "ms": (finished_at - started_at).total_seconds() * 1000,
-            "error": error,
-            "description": description,
-            "checksum": checksum,
-        },
+) -> tuple[TextClause, dict[str, Any]]:
+    """The INSERT of one step row, for a sync or an async connection."""
+    statement = text(
+        f"INSERT INTO {quote_ident(schema)}.init_steps (run_id, kind, name, "
+        "version, description, status, started_at, finished_at, duration_ms, "
+        "error, checksum) VALUES (:run_id, :kind, :name, :version, "
+        ":description, :status, :started, :finished, :ms, :error, :checksum)"
     )
+    return statement, {
+        "run_id": run_id,
+        "kind": kind.value,
+        "name": name,
+        "version": version,
+        "status": status.value,
+        "started": started_at,
+        "finished": finished_at,
+        "ms": (finished_at - started_at).total_seconds() * 1000,
+        "error": error,
+        "description": description,
+        "checksum": checksum,
+    }
+
+
+async def insert_step(conn: AsyncConnection, *args: Any, **kwargs: Any) -> None:
+    """Record one step of a run; arguments as for :func:`step_insert`."""
+    await conn.execute(*step_insert(*args, **kwargs))
 
 
 async def fetch_runs(

@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,8 @@ class UpgradeReport:
     """Revisions in the order they were applied (committed or not)."""
     on_gate_connection: bool = True
     """False when ``env.py`` ignored the connection handed in and made its own."""
+    recorded: set[str] = dataclasses.field(default_factory=set)
+    """Revisions whose step row ``on_applied`` wrote in their own transaction."""
     planned: list[str] = dataclasses.field(default_factory=list)
     """Revisions the upgrade set out to apply, in order."""
 
@@ -294,12 +296,22 @@ class Migrations:
             ) from None
         return buffer.getvalue()
 
-    def upgrade(self, connection: Connection) -> UpgradeReport:
+    def upgrade(
+        self,
+        connection: Connection,
+        on_applied: Callable[[Connection, AppliedRevision], None] | None = None,
+    ) -> UpgradeReport:
         """Run ``upgrade heads`` through ``env.py`` on ``connection``.
 
         ``connection`` must have no transaction open: Alembic begins and
         commits its own, and ``autocommit_block()`` needs a clean slate.
         The connection goes to ``env.py`` as ``config.attributes["connection"]``.
+
+        Args:
+            connection: The gate's connection.
+            on_applied: Called after each revision, inside that revision's
+                transaction, when env.py migrates on ``connection``; what it
+                writes commits or rolls back with the revision itself.
         """
         config = self.config()
         config.attributes["connection"] = connection
@@ -307,16 +319,18 @@ class Migrations:
         script = self.script
         last_mark = _now()
 
-        def on_version_apply(*, step: Any, **_: Any) -> None:
+        def on_version_apply(*, ctx: Any, step: Any, **_: Any) -> None:
             nonlocal last_mark
             finished = _now()
             revision = step.up_revision_id or ",".join(step.up_revision_ids)
             script_file = step.up_revision
             doc = script_file.doc if script_file is not None else None
             checksum = file_checksum(script_file.path if script_file else None)
-            report.applied.append(
-                AppliedRevision(revision, doc, last_mark, finished, checksum)
-            )
+            applied = AppliedRevision(revision, doc, last_mark, finished, checksum)
+            report.applied.append(applied)
+            if on_applied is not None and ctx.connection is connection:
+                on_applied(connection, applied)
+                report.recorded.add(revision)
             logger.info("applied revision %s (%s)", revision, doc)
             last_mark = finished
 

@@ -513,3 +513,44 @@ def test_heads_are_cached_and_the_cache_follows_file_changes(tmp_path: Path) -> 
 
     project.add(Revision.sql("r2", "SELECT 1"))
     assert Migrations(project.ini).heads() == ("r2",)
+
+
+async def test_revision_committed_by_a_dead_holder_keeps_its_step_row(
+    database_url: str, tmp_path: Path, db: DatabaseAdmin
+) -> None:
+    project = (
+        Project(tmp_path / "p")
+        .add(ITEMS)
+        .add(
+            Revision.sql(
+                "r2_slow",
+                "SELECT pg_sleep(CASE WHEN to_regclass('resume') IS NULL "
+                "THEN 60 ELSE 0 END)",
+            )
+        )
+    )
+    first = make_gate(database_url, project)
+    holding = asyncio.create_task(first.run())
+    backend = None
+    for _ in range(100):
+        backend = await db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(CASE%' "
+            "AND pid <> pg_backend_pid()"
+        )
+        if backend:
+            break
+        await asyncio.sleep(0.1)
+    assert backend, "the holder never reached its slow statement"
+    await db.execute("CREATE TABLE resume (id int)")
+    await db.fetchval("SELECT pg_terminate_backend($1)", backend)
+    await asyncio.gather(holding, return_exceptions=True)
+    await make_gate(database_url, project).run()
+
+    rows = await db.fetch(
+        "SELECT r.status AS run, s.name, s.status FROM init_steps s "
+        "JOIN init_runs r ON r.id = s.run_id ORDER BY s.id"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("abandoned", "r1_items", "succeeded"),
+        ("succeeded", "r2_slow", "succeeded"),
+    ]
