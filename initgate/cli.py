@@ -1,9 +1,15 @@
-"""The ``initgate`` command: pass the gate once, read its history, try the demo.
+"""The ``initgate`` command: pass the gate, inspect and audit it, try the demo.
 
 ::
 
     initgate run      pass the gate outside the app (init container, pre-start)
+    initgate status   is the database at the code's target; holder, waiters
+    initgate plan     the SQL and seed steps the next run would execute
+    initgate check    verify the setup, one finding per line
     initgate history  the runs recorded in init_runs, as a table or JSON
+    initgate show     one run with every step, its duration and error
+    initgate retry    lift the fail-fast state once a fix is deployed
+    initgate prune    delete old runs, keeping what the gate still needs
     initgate demo     PostgreSQL + the demo service with N workers, one init
 
 Exit codes, the same for every command:
@@ -14,15 +20,20 @@ Exit codes, the same for every command:
       was not tried again); the demo failed; an unexpected error
 2     bad configuration or usage: settings, alembic.ini, --app, the URL,
       credentials, an unknown option
-3     gave up waiting for another worker that holds the init lock
+3     gave up waiting for another worker that holds the init lock; retry:
+      found the lock held
 4     the database did not accept a connection in time
 5     the database is at a revision this code does not know
+6     status: the database is not at the code's target (init pending)
+7     check: at least one finding is FAIL
 130   interrupted (Ctrl-C)
 ====  ==================================================================
 
 Errors are one line on stderr, without a traceback, and never show a
-password. Everything here is printed through :data:`out` and :data:`err`;
-the library itself only logs.
+password. Every command but demo takes ``--json``: one JSON document on
+stdout. On a terminal, results are rich tables and ``run`` shows a spinner
+naming the holder it waits for; otherwise plain lines. Everything here is
+printed through :data:`out` and :data:`err`; the library itself only logs.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ from rich.table import Table
 from rich.text import Text
 
 from initgate import demo as demo_service
-from initgate import ledger
+from initgate import ledger, ops
 from initgate.errors import (
     ConfigurationError,
     DatabaseAheadError,
@@ -61,7 +72,7 @@ from initgate.errors import (
     UnsupportedConnectionError,
     WaitTimeoutError,
 )
-from initgate.gate import GateResult, Outcome
+from initgate.gate import Gate, GateResult, Outcome, Phase
 from initgate.ledger import RunStatus, StepKind
 from initgate.lifespan import InitGate
 from initgate.settings import Settings
@@ -84,6 +95,10 @@ class ExitCode(enum.IntEnum):
     """No connection to the database before the connect timeout."""
     DATABASE_AHEAD = 5
     """The database has revisions that this code does not know."""
+    NOT_AT_TARGET = 6
+    """``status``: init is pending (revisions, seed steps, or a new target)."""
+    CHECK_FAILED = 7
+    """``check``: at least one finding is FAIL."""
     INTERRUPTED = 130
     """Ctrl-C (SIGINT), by the shell's convention of 128 + the signal."""
 
@@ -91,8 +106,9 @@ class ExitCode(enum.IntEnum):
 _EXIT_CODES_HELP = """
 Exit codes: **0** done or up to date; **1** init failed (or failed too often
 to be retried); **2** bad configuration or usage; **3** timed out waiting for
-the init lock; **4** database unreachable; **5** database ahead of the code;
-**130** interrupted.
+the init lock, or (retry) found it held; **4** database unreachable; **5**
+database ahead of the code; **6** (status) not at the code's target; **7**
+(check) a finding failed; **130** interrupted.
 """
 
 out = Console(highlight=False)
@@ -223,22 +239,99 @@ VerboseOption = Annotated[
 ]
 
 
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document for machines.")
+]
+
+
 @cli.command(epilog=_EXIT_CODES_HELP)
-def run(app: AppOption = "app.main:gate", verbose: VerboseOption = False) -> None:
+def run(
+    app: AppOption = "app.main:gate",
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
+) -> None:
     """Pass the gate once, outside the app: for init containers or pre-start.
 
     Imports the app's `InitGate` (so its seed steps are registered) from the
     working directory, then migrates and seeds if the database needs it,
     waiting while another process does. Settings come from the environment,
-    as in the app (`DATABASE_URL`, `INITGATE_*`). Prints one result line.
+    as in the app (`DATABASE_URL`, `INITGATE_*`). Prints one result line; on
+    a terminal, a spinner shows the phase and the holder it waits for.
     """
     _show_library_logs(verbose)
     try:
         gate = _load_gate(app)
-        result = asyncio.run(gate.run())
+        if out.is_terminal and not as_json:
+            result = asyncio.run(_run_with_spinner(gate))
+        else:
+            result = asyncio.run(gate.run())
     except InitGateError as exc:
         _fail(exc)
-    out.print(_describe_result(result, gate), markup=False, soft_wrap=True)
+    if as_json:
+        _print_json(
+            dataclasses.asdict(result)
+            | {"namespace": gate.settings.effective_namespace}
+        )
+    else:
+        _print_line(_describe_result(result, gate))
+
+
+_PHASE_WORDS = {
+    Phase.IDLE: "starting",
+    Phase.CONNECTING: "connecting to the database",
+    Phase.CHECKING: "checking whether init is up to date",
+    Phase.WAITING: "waiting for the init lock",
+    Phase.HOLDING: "holding the init lock",
+    Phase.MIGRATING: "holding the init lock: migrating",
+    Phase.SEEDING: "holding the init lock: seeding",
+    Phase.PASSED: "passed",
+    Phase.FAILED: "failed",
+}
+
+# Seconds between holder queries while waiting: each is a round trip on a
+# connection of the spinner's own, never on the gate's.
+_HOLDER_POLL = 1.0
+
+
+async def _run_with_spinner(app_gate: InitGate) -> GateResult:
+    """Pass the gate while a spinner shows its phase and whom it waits for."""
+    gate = app_gate.gate
+    task = asyncio.create_task(app_gate.run())
+    watcher: Any = None
+    holder_text = ""
+    next_poll = 0.0
+    started = time.monotonic()
+    try:
+        with out.status(_PHASE_WORDS[gate.phase]) as spinner:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.2)
+                text = _PHASE_WORDS[gate.phase]
+                if gate.phase is Phase.WAITING:
+                    if time.monotonic() >= next_poll:
+                        next_poll = time.monotonic() + _HOLDER_POLL
+                        watcher, holder_text = await _poll_holder(
+                            watcher, app_gate.settings, gate
+                        )
+                    if holder_text:
+                        text += f" held by {holder_text}"
+                spinner.update(f"{text} ({_duration(_ms_since(started))})")
+    finally:
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                await watcher.close()
+    return task.result()
+
+
+async def _poll_holder(watcher: Any, settings: Settings, gate: Gate) -> tuple[Any, str]:
+    """Describe the holder on the spinner's own connection; best effort."""
+    try:
+        if watcher is None or watcher.is_closed():
+            watcher = await ops.connect(settings, "run")
+        holder = await ops.read_holder(watcher, settings, gate.key)
+    except (InitGateError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        # The spinner is a courtesy: the gate reports real problems itself.
+        return watcher, ""
+    return watcher, _scrub(holder.describe()) if holder else ""
 
 
 def _load_gate(spec: str) -> InitGate:
@@ -342,34 +435,23 @@ DatabaseUrlOption = Annotated[
 ]
 
 
-@cli.command(epilog=_EXIT_CODES_HELP)
-def history(
-    limit: Annotated[
-        int, typer.Option(min=1, help="Show at most this many runs, newest first.")
-    ] = 20,
-    status: Annotated[
-        list[RunStatus] | None,
-        typer.Option(help="Only runs with this status; repeat for several."),
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON array, runs with steps.")
-    ] = False,
-    database_url: DatabaseUrlOption = None,
-    namespace: Annotated[
-        str | None,
-        typer.Option(
-            help="Init namespace; default INITGATE_NAMESPACE or DATABASE:SCHEMA."
-        ),
-    ] = None,
-    schema: Annotated[
-        str | None,
-        typer.Option(help="Schema of init_runs; default INITGATE_SCHEMA or public."),
-    ] = None,
-) -> None:
-    """Show the runs recorded in `init_runs`: who ran init, when, what it did.
+NamespaceOption = Annotated[
+    str | None,
+    typer.Option(help="Init namespace; default INITGATE_NAMESPACE or DATABASE:SCHEMA."),
+]
+SchemaOption = Annotated[
+    str | None,
+    typer.Option(help="Schema of init_runs; default INITGATE_SCHEMA or public."),
+]
 
-    Reads the same settings as the gate. As a table on a terminal, as plain
-    columns otherwise, or as JSON with `--json` (datetimes in ISO 8601).
+
+def _ledger_settings(
+    database_url: str | None, namespace: str | None, schema: str | None
+) -> Settings:
+    """Settings from the environment and the ledger options; no alembic.ini.
+
+    Raises:
+        ConfigurationError: A setting is missing or invalid.
     """
     if database_url:
         _given_urls.append(database_url)
@@ -379,18 +461,57 @@ def history(
         # By its variable's name, so that a bad value is reported under it.
         "INITGATE_SCHEMA": schema,
     }
+    return Settings.from_env(
+        alembic_config=None,
+        **{key: value for key, value in overrides.items() if value is not None},
+    )
+
+
+@cli.command(epilog=_EXIT_CODES_HELP)
+def history(
+    limit: Annotated[
+        int, typer.Option(min=1, help="Show at most this many runs, newest first.")
+    ] = 20,
+    status: Annotated[
+        list[RunStatus] | None,
+        typer.Option(help="Only runs with this status; repeat for several."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            metavar="WHEN",
+            help="Only runs started since: a duration back from now (90s, 30m, "
+            "2h, 7d, 2w) or an ISO 8601 time (2026-03-01T12:00+01:00).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON array, runs with steps.")
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+    namespace: NamespaceOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Show the runs recorded in `init_runs`: who ran init, when, what it did.
+
+    Reads the same settings as the gate. As a table on a terminal, as plain
+    columns otherwise, or as JSON with `--json` (datetimes in ISO 8601).
+    """
     try:
-        settings = Settings.from_env(
-            alembic_config=None,
-            **{key: value for key, value in overrides.items() if value is not None},
-        )
+        started_since = parse_since(since, "--since") if since else None
+        settings = _ledger_settings(database_url, namespace, schema)
         found = asyncio.run(
-            read_history(settings, limit=limit, statuses=tuple(status or ()))
+            read_history(
+                settings,
+                limit=limit,
+                statuses=tuple(status or ()),
+                since=started_since,
+            )
         )
     except InitGateError as exc:
         _fail(exc)
     if as_json:
-        typer.echo(json.dumps(found.runs, default=_json_value, indent=2))
+        _print_json(found.runs)
     elif not found.has_ledger:
         out.print(
             f"No init history in {settings.masked_url} yet: schema "
@@ -401,6 +522,8 @@ def history(
         )
     elif not found.runs:
         wanted = f" with status {', '.join(status)}" if status else ""
+        if since:
+            wanted += f" since {since}"
         out.print(
             f"No runs{wanted} for namespace {found.namespace!r}.",
             markup=False,
@@ -422,7 +545,11 @@ class History:
 
 
 async def read_history(
-    settings: Settings, *, limit: int = 20, statuses: Sequence[str] = ()
+    settings: Settings,
+    *,
+    limit: int = 20,
+    statuses: Sequence[str] = (),
+    since: dt.datetime | None = None,
 ) -> History:
     """Read the namespace's latest runs on a short connection of its own.
 
@@ -431,7 +558,7 @@ async def read_history(
         DatabaseUnavailableError: The server did not answer in time.
     """
     namespace = settings.effective_namespace
-    conn = await _connect(settings)
+    conn = await ops.connect(settings, "history")
     try:
         has_ledger = await conn.fetchval(
             "SELECT to_regclass($1) IS NOT NULL",
@@ -445,49 +572,641 @@ async def read_history(
                 namespace,
                 limit=limit,
                 statuses=statuses,
+                since=since,
             )
     finally:
         await conn.close()
     return History(namespace, bool(has_ledger), runs)
 
 
-async def _connect(settings: Settings) -> Any:
-    """One connection attempt, errors turned into initgate's own."""
-    dsn = settings.url.set(drivername="postgresql").render_as_string(
-        hide_password=False
-    )
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, option: str) -> dt.timedelta:
+    """``90s``, ``30m``, ``2h``, ``7d`` or ``2w`` as a timedelta.
+
+    Raises:
+        ConfigurationError: Anything else, naming ``option``.
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise ConfigurationError(
+            f"{option}: expected a duration such as 90s, 30m, 2h, 7d or 2w, "
+            f"got {text!r}"
+        )
+    number, unit = match.groups()
+    return dt.timedelta(seconds=float(number) * _DURATION_UNITS[unit.lower()])
+
+
+def parse_since(text: str, option: str) -> dt.datetime:
+    """A duration back from now, or an ISO 8601 time (local if naive).
+
+    Raises:
+        ConfigurationError: Neither, naming ``option``.
+    """
+    if _DURATION.match(text):
+        return dt.datetime.now(dt.UTC) - parse_duration(text, option)
     try:
-        return await asyncpg.connect(dsn, timeout=min(settings.connect_timeout, 10))
-    except (
-        asyncpg.InvalidPasswordError,
-        asyncpg.InvalidAuthorizationSpecificationError,
-        asyncpg.InvalidCatalogNameError,
-    ) as exc:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
         raise ConfigurationError(
-            f"{settings.masked_url}: {settings.scrub(str(exc))}"
+            f"{option}: expected a duration such as 2h or 7d, or an ISO 8601 "
+            f"time such as 2026-03-01T12:00:00+00:00, got {text!r}"
         ) from None
-    except (
-        OSError,
-        TimeoutError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.TooManyConnectionsError,
-    ) as exc:
-        reason = settings.scrub(str(exc)) or type(exc).__name__
-        raise DatabaseUnavailableError(
-            f"could not connect to {settings.masked_url}: {reason}; check that "
-            "PostgreSQL is up and reachable"
-        ) from None
-    except (ValueError, asyncpg.InterfaceError) as exc:
-        raise ConfigurationError(
-            f"cannot use the database URL {settings.masked_url}: "
-            f"{settings.scrub(str(exc))}"
-        ) from None
+    return when if when.tzinfo is not None else when.astimezone()
 
 
 def _json_value(value: Any) -> Any:
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
     return str(value)
+
+
+# -- output helpers -------------------------------------------------------------
+
+
+def _print_line(text: str, *, style: str | None = None) -> None:
+    """One result line on stdout, password-scrubbed, never markup."""
+    out.print(_scrub(text), markup=False, soft_wrap=True, style=style)
+
+
+def _print_json(value: Any) -> None:
+    """One JSON document on stdout: dataclasses as objects, times in ISO 8601."""
+    typer.echo(_scrub(json.dumps(_jsonable(value), default=_json_value, indent=2)))
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            field.name: _jsonable(getattr(value, field.name))
+            for field in dataclasses.fields(value)
+        }
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _print_fields(title: str, rows: Sequence[tuple[str, str]]) -> None:
+    """Name/value pairs: a two-column table on a terminal, lines otherwise."""
+    if not out.is_terminal:
+        _print_line(f"{title}:")
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            _print_line(f"  {name.ljust(width)}  {value}")
+        return
+    table = Table(title=_scrub(title), title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in rows:
+        table.add_row(Text(name), Text(_scrub(value)))
+    out.print(table)
+
+
+def _load_app(spec: str) -> InitGate:
+    """:func:`_load_gate`, with the app's own password added to the masks."""
+    app_gate = _load_gate(spec)
+    _given_urls.append(app_gate.settings.database_url.get_secret_value())
+    return app_gate
+
+
+def _time(value: dt.datetime | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _revision_list(revisions: Sequence[str]) -> str:
+    return ", ".join(revisions) if revisions else "none"
+
+
+# -- initgate status ------------------------------------------------------------
+
+
+@cli.command(epilog=_EXIT_CODES_HELP)
+def status(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> None:
+    """Is the database at the code's target? What is pending, who is at work.
+
+    Compares the database with the app's code (`--app`, as for `run`):
+    revisions between `alembic_version` and the code's heads, seed steps not
+    yet run, the holder of the init lock and what it is doing, the other
+    initgate sessions waiting, and the last run. Exits **0** when up to
+    date, **6** when init is pending, **1** when the last run failed, **5**
+    when the database is ahead of the code.
+    """
+    try:
+        app_gate = _load_app(app)
+        found = asyncio.run(ops.read_status(app_gate.gate))
+    except InitGateError as exc:
+        _fail(exc)
+    code = _status_exit_code(found, app_gate.settings)
+    if as_json:
+        _print_json(_status_document(found) | {"exit_code": int(code)})
+    else:
+        _print_fields(_status_title(found), _status_rows(found))
+    raise typer.Exit(code)
+
+
+def _status_exit_code(found: ops.Status, settings: Settings) -> ExitCode:
+    if found.unknown_revisions and not settings.allow_unknown_revisions:
+        return ExitCode.DATABASE_AHEAD
+    if found.up_to_date or found.unknown_revisions:
+        return ExitCode.OK
+    last = found.last_run
+    if last is not None and last["status"] == RunStatus.FAILED:
+        return ExitCode.INIT_FAILED
+    return ExitCode.NOT_AT_TARGET
+
+
+def _status_title(found: ops.Status) -> str:
+    if found.unknown_revisions:
+        where = "AHEAD of the code"
+    elif found.up_to_date:
+        where = "up to date"
+    else:
+        where = "NOT at the code's target"
+    return f"init of {found.namespace!r} in {found.database_url}: {where}"
+
+
+def _status_rows(found: ops.Status) -> list[tuple[str, str]]:
+    rows = [("target", found.target)]
+    if found.heads is not None:
+        text = (
+            f"database at {_revision_list(found.revisions)}, code heads "
+            f"{_revision_list(found.heads)}"
+        )
+        if found.unknown_revisions:
+            text += f"; unknown to the code: {', '.join(found.unknown_revisions)}"
+        elif found.pending_revisions:
+            names = ", ".join(p.revision for p in found.pending_revisions)
+            text += f"; {len(found.pending_revisions)} pending: {names}"
+        else:
+            text += "; none pending"
+        rows.append(("revisions", text))
+    pending = [f"{name} v{version}" for name, version in found.pending_seeds]
+    rows.append(
+        (
+            "seed steps",
+            f"{len(pending)} pending: {', '.join(pending)}"
+            if pending
+            else "none pending",
+        )
+    )
+    rows.append(("holder", found.holder.describe() if found.holder else "none"))
+    waiters = [waiter.describe() for waiter in found.waiters]
+    rows.append(
+        ("waiters", f"{len(waiters)}: {'; '.join(waiters)}" if waiters else "none")
+    )
+    rows.append(("last run", _describe_last_run(found.last_run)))
+    if found.failures:
+        verdict = (
+            "workers fail fast for this code: deploy a fix, or run `initgate "
+            "retry` once it is deployed"
+            if found.fail_fast
+            else f"workers try again (fail fast at {found.max_attempts})"
+        )
+        rows.append(
+            (
+                "failures",
+                f"{found.failures} for this code since the last success; {verdict}",
+            )
+        )
+    return rows
+
+
+def _describe_last_run(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "none"
+    started: dt.datetime = run["started_at"]
+    finished: dt.datetime | None = run["finished_at"]
+    took = (
+        f", took {_duration((finished - started).total_seconds() * 1000)}"
+        if finished is not None
+        else ""
+    )
+    text = (
+        f"{run['id']} {run['status']} on {run['hostname']} pid {run['pid']}, "
+        f"started {_time(started)}{took}"
+    )
+    if run.get("error"):
+        text += f": {_one_line(run['error'])}"
+    return text
+
+
+def _status_document(found: ops.Status) -> dict[str, Any]:
+    holder = found.holder
+    return {
+        "namespace": found.namespace,
+        "database_url": found.database_url,
+        "target": found.target,
+        "up_to_date": found.up_to_date,
+        "revisions": {
+            "database": found.revisions,
+            "heads": found.heads,
+            "pending": [
+                {"revision": p.revision, "description": p.doc}
+                for p in found.pending_revisions
+            ],
+            "unknown": found.unknown_revisions,
+        },
+        "seeds": {
+            "pending": [
+                {"name": name, "version": version}
+                for name, version in found.pending_seeds
+            ]
+        },
+        "holder": None
+        if holder is None
+        else {
+            "session": holder.session,
+            "run": holder.run,
+            "since": holder.since,
+            "description": holder.describe(),
+        },
+        "waiters": found.waiters,
+        "last_run": found.last_run,
+        "failures": found.failures,
+        "max_attempts": found.max_attempts,
+        "fail_fast": found.fail_fast,
+        "ledger_version": found.ledger_version,
+    }
+
+
+# -- initgate show --------------------------------------------------------------
+
+
+@cli.command(epilog=_EXIT_CODES_HELP)
+def show(
+    run_id: Annotated[
+        int, typer.Argument(metavar="RUN_ID", min=1, help="The run's id.")
+    ],
+    with_traceback: Annotated[
+        bool, typer.Option("--traceback", help="Also print the run's traceback.")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the run, steps and traceback as JSON."),
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Show one run: who ran it, every step with its duration and error."""
+    try:
+        settings = _ledger_settings(database_url, None, schema)
+        run = asyncio.run(_read_run(settings, run_id))
+    except InitGateError as exc:
+        _fail(exc)
+    if as_json:
+        _print_json(run)
+        return
+    _print_fields(f"run {run['id']} of {run['namespace']!r}", _run_rows(run))
+    _print_steps(run["steps"])
+    if with_traceback:
+        if run.get("traceback"):
+            _print_line("traceback:")
+            _print_line(run["traceback"].rstrip())
+        else:
+            _print_line("traceback: none recorded")
+
+
+async def _read_run(settings: Settings, run_id: int) -> dict[str, Any]:
+    conn = await ops.connect(settings, "show")
+    try:
+        run = await ledger.fetch_run(conn, settings.ledger_schema, run_id)
+    finally:
+        await conn.close()
+    if run is None:
+        raise ConfigurationError(
+            f"there is no run {run_id} in schema {settings.ledger_schema!r} of "
+            f"{settings.masked_url}; `initgate history` lists the runs"
+        )
+    return run
+
+
+def _run_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
+    started: dt.datetime = run["started_at"]
+    finished: dt.datetime | None = run["finished_at"]
+    rows = [
+        ("status", str(run["status"])),
+        ("target", str(run["target"])),
+        (
+            "host",
+            f"{run['hostname']} pid {run['pid']} (backend pid {run['backend_pid']})",
+        ),
+        ("started", _time(started)),
+        ("finished", _time(finished)),
+    ]
+    if finished is not None:
+        rows.append(
+            ("duration", _duration((finished - started).total_seconds() * 1000))
+        )
+    rows.append(
+        (
+            "revisions",
+            f"{run['revision_from'] or 'none'} -> {run['revision_to'] or '-'}",
+        )
+    )
+    if run.get("code_version"):
+        rows.append(("code version", str(run["code_version"])))
+    if run.get("error"):
+        rows.append(("error", _one_line(run["error"])))
+    return rows
+
+
+_STEP_COLUMNS = (
+    "step",
+    "kind",
+    "name",
+    "version",
+    "status",
+    "started",
+    "duration",
+    "checksum",
+    "error",
+)
+
+
+def _print_steps(steps: Sequence[dict[str, Any]]) -> None:
+    if not steps:
+        _print_line("steps: none recorded")
+        return
+    rows = [
+        [
+            str(step["id"]),
+            str(step["kind"]),
+            str(step["name"]),
+            str(step["version"] or "-"),
+            str(step["status"]),
+            _time(step["started_at"]),
+            _duration(step["duration_ms"]),
+            (step.get("checksum") or "-")[:12],
+            _one_line(step["error"] or ""),
+        ]
+        for step in steps
+    ]
+    if not out.is_terminal:
+        _print_line("steps:")
+        _print_plain(_STEP_COLUMNS, rows)
+        return
+    table = Table(title="steps", title_justify="left")
+    for name in _STEP_COLUMNS:
+        table.add_column(
+            name, justify="right" if name == "step" else "left", overflow="fold"
+        )
+    for cells in rows:
+        texts = [Text(_scrub(cell)) for cell in cells]
+        texts[4].stylize("green" if cells[4] == "succeeded" else "red")
+        table.add_row(*texts)
+    out.print(table)
+
+
+# -- initgate check -------------------------------------------------------------
+
+_LEVEL_STYLES = {
+    ops.CheckLevel.OK: "green",
+    ops.CheckLevel.WARN: "yellow",
+    ops.CheckLevel.FAIL: "bold red",
+    ops.CheckLevel.SKIP: "dim",
+}
+
+
+@cli.command(epilog=_EXIT_CODES_HELP)
+def check(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> None:
+    """Verify the setup, one finding per line: ok, warn, FAIL or skip.
+
+    Checks that the app imports, the database answers and the role logs in,
+    alembic.ini and its revisions load, the database is not ahead of the
+    code, the role may create (or write) the ledger tables and take advisory
+    locks, the server is PostgreSQL 14+, and that no applied revision's file
+    has changed since. Exits **7** if any finding is FAIL.
+    """
+    findings = []
+    seeds = None
+    try:
+        app_gate = _load_app(app)
+        settings = app_gate.settings
+        seeds = app_gate.seeds
+        findings.append(
+            ops.Finding(
+                ops.CheckLevel.OK,
+                "app",
+                f"{app} imports; {_plural(len(seeds), 'seed step')} registered",
+            )
+        )
+    except ConfigurationError as exc:
+        findings.append(ops.Finding(ops.CheckLevel.FAIL, "app", str(exc)))
+        try:
+            settings = Settings.from_env()
+        except ConfigurationError as settings_exc:
+            findings.append(
+                ops.Finding(ops.CheckLevel.FAIL, "settings", str(settings_exc))
+            )
+            _print_findings(findings, as_json)
+            raise typer.Exit(ExitCode.CHECK_FAILED) from None
+    findings.extend(asyncio.run(ops.check(settings, seeds)))
+    _print_findings(findings, as_json)
+    failed = any(finding.level is ops.CheckLevel.FAIL for finding in findings)
+    raise typer.Exit(ExitCode.CHECK_FAILED if failed else ExitCode.OK)
+
+
+def _print_findings(findings: Sequence[ops.Finding], as_json: bool) -> None:
+    if as_json:
+        failed = any(f.level is ops.CheckLevel.FAIL for f in findings)
+        _print_json({"ok": not failed, "findings": list(findings)})
+        return
+    width = max(len(finding.check) for finding in findings)
+    for finding in findings:
+        line = Text(f"{finding.level.value:<4}  ", style=_LEVEL_STYLES[finding.level])
+        line.append(
+            f"{finding.check.ljust(width)}  {_one_line(_scrub(finding.message))}"
+        )
+        out.print(line, soft_wrap=True)
+
+
+# -- initgate plan --------------------------------------------------------------
+
+
+@cli.command(epilog=_EXIT_CODES_HELP)
+def plan(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> None:
+    """The SQL and seed steps the next run would execute, for review.
+
+    Reads where the database is, then has Alembic render the pending
+    revisions' SQL in offline mode (`upgrade CURRENT:heads --sql`, through
+    the project's env.py, which must support offline mode); nothing is
+    executed. Seed steps are Python, so only their names are listed.
+    """
+    try:
+        app_gate = _load_app(app)
+        found = ops.read_plan(app_gate.gate)
+    except InitGateError as exc:
+        _fail(exc)
+    if as_json:
+        _print_json(
+            {
+                "namespace": found.namespace,
+                "up_to_date": found.up_to_date,
+                "database_revisions": found.revisions,
+                "revisions": [
+                    {"revision": p.revision, "description": p.doc}
+                    for p in found.pending_revisions
+                ],
+                "seeds": [
+                    {"name": name, "version": version}
+                    for name, version in found.pending_seeds
+                ],
+                "sql": found.sql,
+            }
+        )
+        return
+    _print_plan(found)
+
+
+def _print_plan(found: ops.Plan) -> None:
+    where = _revision_list(found.revisions)
+    if not found.pending_revisions and not found.pending_seeds:
+        if found.up_to_date:
+            _print_line(
+                f"Nothing to do: init of {found.namespace!r} is at the code's "
+                f"target (database at {where})."
+            )
+        else:
+            _print_line(
+                f"No revision and no seed step to run for {found.namespace!r} "
+                f"(database at {where}); the next run only records the code's "
+                "new target."
+            )
+        return
+    _print_line(f"Plan for {found.namespace!r}, database at {where}:")
+    if found.pending_revisions:
+        _print_line(f"{_plural(len(found.pending_revisions), 'revision')} to apply:")
+        for pending in found.pending_revisions:
+            _print_line(f"  {pending.revision}  {pending.doc or ''}".rstrip())
+    if found.pending_seeds:
+        _print_line(f"{_plural(len(found.pending_seeds), 'seed step')} to run:")
+        for name, version in found.pending_seeds:
+            _print_line(f"  {name} v{version}")
+    if found.sql:
+        _print_line("SQL, from Alembic's offline mode:", style="bold")
+        _print_line(found.sql.rstrip())
+
+
+# -- initgate retry -------------------------------------------------------------
+
+
+@cli.command(epilog=_EXIT_CODES_HELP)
+def retry(
+    as_json: JsonOption = False,
+    database_url: DatabaseUrlOption = None,
+    namespace: NamespaceOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Lift the fail-fast state after a failed init, once a fix is deployed.
+
+    Records a run with status `retry`: failures before it no longer count
+    towards `INITGATE_MAX_ATTEMPTS`, so the next worker to start tries init
+    again. Takes the init lock with a try-lock: if a holder is at work, says
+    who and exits **3** without recording anything.
+    """
+    try:
+        settings = _ledger_settings(database_url, namespace, schema)
+        result = asyncio.run(ops.retry(settings))
+    except InitGateError as exc:
+        _fail(exc)
+    lifted = [failure["id"] for failure in result.lifted]
+    if as_json:
+        _print_json(
+            {
+                "namespace": settings.effective_namespace,
+                "run_id": result.run_id,
+                "lifted": lifted,
+            }
+        )
+    elif result.run_id is None:
+        _print_line(
+            f"Nothing to retry: no failed run of {settings.effective_namespace!r} "
+            "since its last success or retry."
+        )
+    else:
+        _print_line(
+            f"Recorded retry as run {result.run_id}: the failures of "
+            f"{_plural(len(lifted), 'run')} ({', '.join(map(str, lifted))}) no "
+            "longer count; the next worker to start tries init again."
+        )
+
+
+# -- initgate prune -------------------------------------------------------------
+
+
+@cli.command(epilog=_EXIT_CODES_HELP)
+def prune(
+    keep: Annotated[
+        int | None,
+        typer.Option(min=0, help="Keep the newest N runs of the namespace."),
+    ] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Delete only runs started longer ago than this (30d, 12h, 2w).",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only say what would be deleted.")
+    ] = False,
+    all_namespaces: Annotated[
+        bool, typer.Option("--all-namespaces", help="Prune every namespace.")
+    ] = False,
+    as_json: JsonOption = False,
+    database_url: DatabaseUrlOption = None,
+    namespace: NamespaceOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Delete old runs and their steps; what the gate still reads stays.
+
+    With `--keep` and `--older-than` together, a run goes only if it is both
+    beyond the newest N and older. Never deleted: the latest succeeded run of
+    each namespace, `running` runs, and the last run that recorded each seed
+    step version (the gate reads it to skip that step).
+    """
+    try:
+        age = parse_duration(older_than, "--older-than") if older_than else None
+        settings = _ledger_settings(database_url, namespace, schema)
+        result = asyncio.run(
+            ops.prune(
+                settings,
+                keep=keep,
+                older_than=age,
+                all_namespaces=all_namespaces,
+                dry_run=dry_run,
+            )
+        )
+    except InitGateError as exc:
+        _fail(exc)
+    where = "every namespace" if all_namespaces else repr(settings.effective_namespace)
+    ids = ", ".join(map(str, result.run_ids))
+    if as_json:
+        _print_json(
+            {
+                "dry_run": dry_run,
+                "count": len(result.run_ids),
+                "run_ids": result.run_ids,
+            }
+        )
+    elif dry_run:
+        _print_line(
+            f"Would delete {_plural(len(result.run_ids), 'run')} of {where}"
+            + (f": {ids}" if ids else ".")
+        )
+    else:
+        _print_line(
+            f"Deleted {_plural(len(result.run_ids), 'run')} of {where}"
+            + (f": {ids}" if ids else ".")
+        )
 
 
 # -- tables -------------------------------------------------------------------
@@ -507,6 +1226,7 @@ _STATUS_STYLES = {
     RunStatus.FAILED: "red",
     RunStatus.RUNNING: "yellow",
     RunStatus.ABANDONED: "magenta",
+    RunStatus.RETRY: "cyan",
 }
 
 

@@ -8,6 +8,7 @@ The hierarchy::
     ├── InitFailedError           a migration or seed step failed in this worker
     │   └── FailFastError         the target failed too often; not retried here
     ├── WaitTimeoutError          another worker held the lock for too long
+    │   └── LockHeldError         an operator command found the lock taken
     ├── DatabaseAheadError        the database has revisions this code lacks
     └── UnsupportedConnectionError  session locks cannot hold (transaction pooler)
 
@@ -24,6 +25,7 @@ __all__ = [
     "FailFastError",
     "InitFailedError",
     "InitGateError",
+    "LockHeldError",
     "UnsupportedConnectionError",
     "WaitTimeoutError",
 ]
@@ -64,6 +66,14 @@ class FailFastError(InitFailedError):
 
 class WaitTimeoutError(InitGateError):
     """Waited ``wait_timeout`` seconds while another worker held the lock."""
+
+
+class LockHeldError(WaitTimeoutError):
+    """A command that must hold the init lock found it held, and did not wait.
+
+    ``initgate retry`` raises it rather than lifting the fail-fast state
+    under a holder that is running init at that moment.
+    """
 
 
 class DatabaseAheadError(InitGateError):
