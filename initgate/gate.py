@@ -352,6 +352,9 @@ class Gate:
                 # as soon as it returns; the ledger read below then catches a
                 # NOTIFY sent just before it.
                 await conn.add_listener(self.key.channel, on_notify)
+                await pooler.check_listening(
+                    conn, self.key.channel, session, where=settings.masked_url
+                )
                 listening = True
                 logger.info(
                     "init lock %s of %r is held by another worker; waiting",

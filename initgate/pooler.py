@@ -13,7 +13,8 @@ long as that backend's session lasts. A pooler in transaction mode (PgBouncer
   holders at once.
 
 LISTEN fares no better: it registers in whichever backend ran it, and PgBouncer
-forwards a notification only while some client is linked to that backend.
+forwards a notification only while some client is linked to that backend (it
+drops what an unlinked server connection receives).
 
 How this module tells, on the cold path only:
 
@@ -31,7 +32,9 @@ How this module tells, on the cold path only:
    handed to whoever asks next (PgBouncer reuses the most recently released
    one by default, or the least recently used with ``server_round_robin``),
    so one of the three lands elsewhere, or the second connection lands in the
-   first one's backend. In session mode none of them can.
+   first one's backend. In session mode none of them can. After a waiter's
+   LISTEN, one more query checks that the channel is among that backend's
+   ``pg_listening_channels()``.
 
 The probes are simple-protocol queries that answer with their status line
 (``SELECT 1`` or ``SELECT 0``): no prepared statement, which a transaction
@@ -54,6 +57,7 @@ from initgate.lock import LockKey
 __all__ = [
     "SHARED_SESSION_ERRORS",
     "SessionCheck",
+    "check_listening",
     "check_session",
     "release_lock",
     "shared_session_error",
@@ -150,6 +154,35 @@ async def check_session(
         backend_pid,
     )
     return SessionCheck(backend_pid, pooled=True)
+
+
+async def check_listening(
+    conn: Any, channel: str, session: SessionCheck, *, where: str
+) -> None:
+    """Behind a pooler, check that LISTEN registered in the session's backend.
+
+    A waiter relies on its LISTEN to hear the holder's NOTIFY: the channel
+    must be among ``pg_listening_channels()`` of the backend that its later
+    statements run in. Free on a direct connection.
+
+    Raises:
+        UnsupportedConnectionError: It is not.
+    """
+    if not session.pooled:
+        return
+    literal = channel.replace("'", "''")
+    status = await conn.execute(
+        "SELECT 1 WHERE pg_catalog.pg_backend_pid() = "
+        f"{session.backend_pid} AND '{literal}' IN "
+        "(SELECT pg_catalog.pg_listening_channels())"
+    )
+    if status != "SELECT 1":
+        raise _unsupported(
+            where,
+            session.backend_pid,
+            False,
+            "its LISTEN did not stay in that backend",
+        )
 
 
 def _unsupported(

@@ -28,7 +28,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from initgate import InitGate, Outcome, Settings, UnsupportedConnectionError
+from initgate import (
+    InitGate,
+    Outcome,
+    Settings,
+    UnsupportedConnectionError,
+    WaitTimeoutError,
+)
 from tests.conftest import SpawnPython, StartUvicorn
 from tests.deployment import ListeningPostgres, PgBouncer, find_pgbouncer
 from tests.helpers import (
@@ -126,8 +132,7 @@ def demo_gate(database_url: str, **settings: object) -> tuple[InitGate, list[str
         Settings(
             database_url=database_url,
             alembic_config=REPO_ROOT / "alembic.ini",
-            wait_timeout=30,
-            **settings,
+            **{"wait_timeout": 30, **settings},
         )
     )
     ran: list[str] = []
@@ -226,6 +231,36 @@ async def test_session_pooling_keeps_the_lock_and_records_the_real_backend(
     row = await direct_db.fetchrow("SELECT status, backend_pid FROM init_runs")
     assert row is not None
     assert (row["status"], row["backend_pid"]) == ("succeeded", backend)
+
+
+async def test_a_waiter_through_session_pooling_listens_in_its_own_backend(
+    pgbouncer: MakeBouncer,
+    upstream: ListeningPostgres,
+    fresh_database: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bouncer = pgbouncer("session")
+    gate, ran = demo_gate(bouncer.url_for(fresh_database), wait_timeout=2)
+    blocker = await asyncpg.connect(upstream.url(fresh_database))
+    try:
+        key = gate.gate.key
+        await blocker.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", key.classid, key.objid
+        )
+        with (
+            caplog.at_level(logging.INFO, logger="initgate"),
+            pytest.raises(WaitTimeoutError),
+        ):
+            await gate.run()
+    finally:
+        await blocker.close()
+
+    # It waited as a waiter should: its session and its LISTEN passed the
+    # checks, and only the holder's silence ended the wait.
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "keeps the session" in said
+    assert "waiting" in said
+    assert ran == []
 
 
 async def test_session_pooling_inits_exactly_once_under_uvicorn_workers(
