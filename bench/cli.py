@@ -18,6 +18,7 @@ import datetime as dt
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -122,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench; return the process exit status."""
     args = _parser().parse_args(argv)
+    # A plain SIGTERM would skip every cleanup below and leave the embedded
+    # server and lingering workers running; exiting runs the finally blocks.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     settings = dict(_MODES[mode])
     if args.ns:

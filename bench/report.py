@@ -142,8 +142,13 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if floors.get("floor_asyncpg") and floors.get("floor_psycopg"):
             gate_own = gate_warm[0]["single_ms"] - floors["floor_asyncpg"]
             lock_own = lock_warm[0]["single_ms"] - floors["floor_psycopg"]
-            beyond = f"; beyond connecting {gate_own:.1f} ms vs {lock_own:.1f} ms" + (
-                f": {lock_own / gate_own:.1f}x" if gate_own > 0 else ""
+            if gate_own >= 1:
+                ratio_own = f": {lock_own / gate_own:.1f}x"
+            else:
+                ratio_own = " (initgate within noise of a bare connect)"
+            beyond = (
+                f"; beyond connecting {gate_own:.1f} ms vs {lock_own:.1f} ms"
+                + ratio_own
             )
         targets.append(
             {
@@ -155,7 +160,11 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
 
-    gate_cold = [r for r in _find(cold, strategy="initgate") if r["workload"] == "cic"]
+    gate_cold = [
+        r
+        for r in _find(cold, strategy="initgate")
+        if r["workload"] == "cic" and not r.get("variant")
+    ]
     if gate_cold:
         biggest = max(r["n"] for r in gate_cold)
         at_max = [r for r in gate_cold if r["n"] == biggest]
@@ -262,9 +271,12 @@ def cold_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in results.get("cold", []):
         wake = r["wake_ms"]
+        title = _title(results, r["strategy"])
+        if r.get("variant"):
+            title += f" ({r['variant']})"
         rows.append(
             [
-                _title(results, r["strategy"]),
+                title,
                 str(r["n"]),
                 "yes" if r["workload"] == "cic" else "no",
                 _seconds(r["all_ready_s"]),
@@ -529,15 +541,23 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     except ImportError as exc:
         return f"no plot: {exc}"
 
-    cold = [r for r in results.get("cold", []) if r["workload"] == "cic"]
-    names = list(dict.fromkeys(r["strategy"] for r in cold))
-    colours = {name: f"C{i}" for i, name in enumerate(names)}
+    # One series per strategy and variant, on the workload with the
+    # concurrent index (the one every strategy ran).
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in results.get("cold", []):
+        if r["workload"] == "cic":
+            label = _title(results, r["strategy"])
+            if r.get("variant"):
+                label += f" ({r['variant']})"
+            series.setdefault(label, []).append(r)
+    colours = {label: f"C{i}" for i, label in enumerate(series)}
+    colour_of = {rows[0]["strategy"]: colours[label] for label, rows in series.items()}
     figure, axes = plt.subplots(2, 2, figsize=(12, 8.5), dpi=80)
     cap = results["meta"]["cap_s"]
 
     ax = axes[0][0]
-    for name in names:
-        rows = sorted(_find(cold, strategy=name), key=lambda r: r["n"])
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["n"])
         done = [
             (r["n"], r["all_ready_s"]) for r in rows if r["all_ready_s"] is not None
         ]
@@ -545,39 +565,34 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
             (r["n"], r["last_ready_s"] or cap) for r in rows if r["all_ready_s"] is None
         ]
         if done:
-            ax.plot(
-                *zip(*done, strict=True),
-                "o-",
-                color=colours[name],
-                label=_title(results, name),
-            )
+            ax.plot(*zip(*done, strict=True), "o-", color=colours[label], label=label)
         if cut:
             ax.plot(
                 *zip(*cut, strict=True),
                 "x",
-                color=colours[name],
+                color=colours[label],
                 markersize=9,
-                label=None if done else _title(results, name) + " (not all ready)",
+                label=None if done else label + " (not all ready)",
             )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("workers started together (N)")
     ax.set_ylabel("release to last worker ready (s)")
-    ax.set_title("Cold boot storm: time to all ready (x = not all ready)")
+    ax.set_title("Cold boot storm: time to all ready (x: last ready, not all)")
     ax.legend(fontsize=7)
 
     ax = axes[0][1]
-    biggest = max((r["n"] for r in cold), default=0)
-    for name in names:
-        for r in _find(cold, strategy=name, n=biggest)[:1]:
+    biggest = max((r["n"] for rows in series.values() for r in rows), default=0)
+    for label, rows in series.items():
+        for r in [r for r in rows if r["n"] == biggest][:1]:
             offsets = [max(o, 1) / 1000 for o in r["ready_offsets_ms"]]
             if offsets:
                 ax.step(
                     offsets,
                     range(1, len(offsets) + 1),
                     where="post",
-                    color=colours[name],
-                    label=_title(results, name),
+                    color=colours[label],
+                    label=label,
                 )
     ax.set_xscale("log")
     ax.set_xlabel("seconds since release")
@@ -586,16 +601,11 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     ax.legend(fontsize=7)
 
     ax = axes[1][0]
-    for name in names:
-        rows = sorted(_find(cold, strategy=name), key=lambda r: r["n"])
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["n"])
         points = [(r["n"], r["wake_ms"]["p99"]) for r in rows if r["wake_ms"]]
         if points:
-            ax.plot(
-                *zip(*points, strict=True),
-                "o-",
-                color=colours[name],
-                label=_title(results, name),
-            )
+            ax.plot(*zip(*points, strict=True), "o-", color=colours[label], label=label)
     ax.axhline(20, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -611,7 +621,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     bars = ax.bar(
         range(len(warm)),
         values,
-        color=[colours.get(w["strategy"], "C9") for w in warm],
+        color=[colour_of.get(w["strategy"], "C9") for w in warm],
     )
     for bar, w in zip(bars, warm, strict=True):
         ax.annotate(

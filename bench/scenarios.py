@@ -6,6 +6,7 @@ nothing carries over between strategies except the server itself.
 
 from __future__ import annotations
 
+import compileall
 import dataclasses
 import shutil
 import statistics
@@ -126,7 +127,8 @@ def _line(record: dict[str, Any]) -> str:
             f"{record['died']} died ({record['ended']} after "
             f"{record['watched_s']:.0f} s)"
         )
-    return f"{record['strategy']} N={record['n']} [{record['workload']}]: {state}"
+    tags = ", ".join(filter(None, [record["workload"], record.get("variant")]))
+    return f"{record['strategy']} N={record['n']} [{tags}]: {state}"
 
 
 # -- baseline -----------------------------------------------------------------
@@ -173,27 +175,57 @@ def baseline(server: postgres.Server, plan: Plan, say: Progress) -> dict[str, An
 # -- cold boot storm ----------------------------------------------------------
 
 
+BAKED = "caches baked in"
+"""Cold variant: revision bytecode and initgate's heads cache already exist."""
+
+
 def cold(server: postgres.Server, plan: Plan, say: Progress) -> list[dict[str, Any]]:
-    """N workers released together on an empty database, for every strategy."""
+    """N workers released together on an empty database, for every strategy.
+
+    Each project is written fresh, as on a new image: no revision bytecode,
+    no initgate heads cache, so every worker loads the revisions itself.
+    initgate also runs with both baked in (an image whose build ran the
+    gate's heads computation once), which shows what that loading costs.
+    """
     records = []
     no_cic = dataclasses.replace(plan.workload, concurrent_index=False)
-    variants: list[tuple[Strategy, workload.Workload]] = [
-        (s, plan.workload) for s in plan.strategies
+    variants: list[tuple[Strategy, workload.Workload, str]] = [
+        (s, plan.workload, "") for s in plan.strategies
     ]
-    variants += [(s, no_cic) for s in plan.strategies if s.name in plan.without_cic]
+    variants += [
+        (s, plan.workload, BAKED) for s in plan.strategies if s.name == "initgate"
+    ]
+    variants += [(s, no_cic, "") for s in plan.strategies if s.name in plan.without_cic]
     for n in plan.ns:
-        for strategy, load in variants:
+        for strategy, load, variant in variants:
             for _ in range(plan.repeat):
-                with postgres.fresh_database(
-                    server, f"cold_{strategy.name}_{n}"
-                ) as url:
+                label = f"cold_{strategy.name}_{n}"
+                with postgres.fresh_database(server, label) as url:
                     project = _project(plan, strategy.name, load)
+                    if variant == BAKED:
+                        _bake(project)
                     record = _trial(
-                        server, plan, "cold", strategy, n, url, project, load
+                        server,
+                        plan,
+                        "cold",
+                        strategy,
+                        n,
+                        url,
+                        project,
+                        load,
+                        variant=variant,
                     )
                 records.append(record)
                 say("cold: " + _line(record))
     return records
+
+
+def _bake(project: Path) -> None:
+    """Compile the revisions and write initgate's heads cache, as a build would."""
+    from initgate.migrate import Migrations
+
+    compileall.compile_dir(project / "versions", quiet=1)
+    Migrations(project / "alembic.ini").heads()
 
 
 # -- warm boot ----------------------------------------------------------------

@@ -43,6 +43,8 @@ class Trial:
         stall: Seconds without progress after which it is cut off.
         worker_url: URL the workers connect to, when not ``database_url``
             (the round-trip proxy).
+        variant: What sets this trial apart from the strategy's usual one,
+            for the report (empty when nothing does).
         params: The strategy's settings; its defaults when None.
     """
 
@@ -57,6 +59,7 @@ class Trial:
     stall: float
     worker_url: str | None = None
     params: dict[str, float] | None = None
+    variant: str = ""
 
     @property
     def database(self) -> str:
@@ -150,7 +153,9 @@ def _watch(
             crashed[event["index"]] = event
     started = time.monotonic()
     last_progress = started
-    cpu_mark = herd.cpu_seconds()
+    # The herd's CPU time, read at most once a second, first after the last
+    # progress: a stall is judged on what the workers did since then.
+    cpu_mark, cpu_mark_at = herd.cpu_seconds(), started
     trace_size = 0
     ended = "finished"
     evidence: list[str] = []
@@ -179,6 +184,8 @@ def _watch(
                         break
             break
         now = time.monotonic()
+        if cpu_mark_at < last_progress and now - cpu_mark_at >= 1.0:
+            cpu_mark, cpu_mark_at = herd.cpu_seconds(), now
         if now - started > trial.cap:
             ended = "capped"
         elif now - last_progress > trial.stall:
@@ -187,7 +194,8 @@ def _watch(
             # workers that also sit idle are stuck.
             cpu = herd.cpu_seconds()
             if cpu - cpu_mark > _BUSY_CPU_SECONDS:
-                last_progress, cpu_mark = now, cpu
+                last_progress = now
+                cpu_mark, cpu_mark_at = cpu, now
                 continue
             ended = "stalled"
         else:
@@ -292,6 +300,7 @@ def _record(
         "strategy": trial.strategy.name,
         "n": trial.n,
         "workload": "cic" if trial.workload.concurrent_index else "no_cic",
+        "variant": trial.variant,
         "params": params,
         "ended": run["ended"],
         "ready": len(ready),
