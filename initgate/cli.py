@@ -302,7 +302,7 @@ async def _run_with_spinner(app_gate: InitGate) -> GateResult:
     next_poll = 0.0
     started = time.monotonic()
     try:
-        with out.status(_PHASE_WORDS[gate.phase]) as spinner:
+        with out.status(Text(_PHASE_WORDS[gate.phase])) as spinner:
             while not task.done():
                 await asyncio.wait({task}, timeout=0.2)
                 text = _PHASE_WORDS[gate.phase]
@@ -314,7 +314,9 @@ async def _run_with_spinner(app_gate: InitGate) -> GateResult:
                         )
                     if holder_text:
                         text += f" held by {holder_text}"
-                spinner.update(f"{text} ({_duration(_ms_since(started))})")
+                # Text, not a string: a statement like "[active: ...]" is
+                # not rich markup.
+                spinner.update(Text(f"{text} ({_duration(_ms_since(started))})"))
     finally:
         if watcher is not None:
             with contextlib.suppress(Exception):
@@ -657,7 +659,7 @@ def _print_fields(title: str, rows: Sequence[tuple[str, str]]) -> None:
         for name, value in rows:
             _print_line(f"  {name.ljust(width)}  {value}")
         return
-    table = Table(title=_scrub(title), title_justify="left", show_header=False)
+    table = Table(title=Text(_scrub(title)), title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for name, value in rows:

@@ -48,6 +48,7 @@ __all__ = [
     "Status",
     "check",
     "connect",
+    "is_gate_session_of",
     "parse_application_name",
     "prune",
     "read_holder",
@@ -124,7 +125,8 @@ def parse_application_name(name: str) -> tuple[str, str, int] | None:
     return parts[0], parts[1], int(parts[2])
 
 
-def _is_gate_session_of(name: str, namespace: str) -> bool:
+def is_gate_session_of(name: str, namespace: str) -> bool:
+    """Whether ``name`` is the application_name of a gate of ``namespace``."""
     parsed = parse_application_name(name)
     if parsed is None:
         return False
@@ -172,7 +174,7 @@ async def read_waiters(
         _session(row)
         for row in rows
         if row["pid"] not in excluded
-        and _is_gate_session_of(row["application_name"] or "", namespace)
+        and is_gate_session_of(row["application_name"] or "", namespace)
     ]
 
 
