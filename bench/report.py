@@ -170,6 +170,17 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         at_max = [r for r in gate_cold if r["n"] == biggest]
         r = min(at_max, key=lambda x: x["last_ready_s"] or 1e9)
         own = baseline.get("upgrade_ms")
+        floor = [
+            x
+            for x in _find(cold, strategy="floor_asyncpg", n=biggest)
+            if x["all_ready_s"] is not None
+        ]
+        herd = (
+            f"; {biggest} processes only connecting: all ready in "
+            f"{floor[0]['all_ready_s'] * 1000:.0f} ms"
+            if floor
+            else ""
+        )
         if r["all_ready_s"] is not None and own is not None:
             ready_ms = r["all_ready_s"] * 1000
             targets.append(
@@ -178,7 +189,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "own time + 100 ms",
                     "measured": f"all ready {ready_ms:.0f} ms after release; "
                     f"migrations alone {own:.0f} ms (+100 = {own + 100:.0f}); "
-                    f"the holder's run took {r['migration_ms']:.0f} ms in the storm",
+                    f"the holder's run began at {r['holder_started_s'] * 1000:.0f}"
+                    f" ms and took {r['migration_ms']:.0f} ms in the storm{herd}",
                     "met": ready_ms <= own + 100,
                 }
             )

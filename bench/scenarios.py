@@ -185,7 +185,8 @@ def cold(server: postgres.Server, plan: Plan, say: Progress) -> list[dict[str, A
     Each project is written fresh, as on a new image: no revision bytecode,
     no initgate heads cache, so every worker loads the revisions itself.
     initgate also runs with both baked in (an image whose build ran the
-    gate's heads computation once), which shows what that loading costs.
+    gate's heads computation once), which shows what that loading costs, and
+    the herd also runs connecting only: the floor under every figure.
     """
     records = []
     no_cic = dataclasses.replace(plan.workload, concurrent_index=False)
@@ -196,6 +197,9 @@ def cold(server: postgres.Server, plan: Plan, say: Progress) -> list[dict[str, A
         (s, plan.workload, BAKED) for s in plan.strategies if s.name == "initgate"
     ]
     variants += [(s, no_cic, "") for s in plan.strategies if s.name in plan.without_cic]
+    # The same herd only connecting: what N processes on these cores cost
+    # before any coordination or migration.
+    variants.append((by_name("floor_asyncpg"), plan.workload, ""))
     for n in plan.ns:
         for strategy, load, variant in variants:
             for _ in range(plan.repeat):
