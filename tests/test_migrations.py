@@ -1,0 +1,76 @@
+"""The demo's migrations: ``alembic`` on its own, and the gate after it."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from initgate import Outcome
+from initgate.lifespan import InitGate
+from initgate.settings import Settings
+from tests.helpers import REPO_ROOT, DatabaseAdmin, DdlLog
+
+
+def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_alembic_upgrade_head_works_on_its_own(
+    database_url: str, db: DatabaseAdmin, ddl_log: DdlLog
+) -> None:
+    done = alembic(database_url, "upgrade", "head")
+
+    assert done.returncode == 0, done.stderr
+    assert await db.fetchval("SELECT version_num FROM alembic_version") == (
+        "0004_countries_name_index"
+    )
+    assert await ddl_log.count("CREATE TABLE", "countries") == 1
+    assert await db.fetchval("SELECT to_regclass('init_runs')") is None
+
+
+async def test_gate_after_a_manual_upgrade_only_seeds(
+    database_url: str,
+    db: DatabaseAdmin,
+    ddl_log: DdlLog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert alembic(database_url, "upgrade", "head").returncode == 0
+    gate = InitGate(
+        Settings(database_url=database_url, alembic_config=REPO_ROOT / "alembic.ini")
+    )
+    # The demo's steps, registered on a gate of this test's own: the demo
+    # module builds its gate from DATABASE_URL at import.
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    demo_seeds = importlib.import_module("app.seeds")
+
+    for step in demo_seeds.gate.seeds:
+        gate.seeds.add(step.name, step.version, step.function)
+
+    result = await gate.run()
+
+    assert result.outcome is Outcome.RAN
+    assert result.migrated == ()
+    assert len(result.seeded) == 3
+    assert await ddl_log.count("CREATE TABLE", "countries") == 1
+    assert await db.fetchval("SELECT count(*) FROM countries") > 200
+
+
+def test_offline_sql_needs_no_database() -> None:
+    done = alembic("postgresql://nobody@127.0.0.1:1/none", "upgrade", "head", "--sql")
+
+    assert done.returncode == 0, done.stderr
+    assert "CREATE TABLE countries" in done.stdout
+    assert "CREATE INDEX CONCURRENTLY" in done.stdout
