@@ -200,8 +200,10 @@ def render(records: Records, pytest_line: str, took: float, command: str) -> str
         out += _sigkill(records["sigkill"])
     out += _single(
         "pg_terminate_backend of the holder mid-migration",
-        "the holder notices and stops, writes nothing more on any connection; "
-        "another worker completes init; the dead run `abandoned`.",
+        "the holder notices; nothing more is written through the dead session, "
+        "and no other session of the holder runs DDL (it enters the gate again "
+        "as a waiter: holder_sessions counts its sessions); another worker "
+        "completes init; the dead run `abandoned`.",
         records.get("terminate", []),
         [
             "holder_error",
