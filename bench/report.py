@@ -563,7 +563,11 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
                 label += f" ({r['variant']})"
             series.setdefault(label, []).append(r)
     colours = {label: f"C{i}" for i, label in enumerate(series)}
-    colour_of = {rows[0]["strategy"]: colours[label] for label, rows in series.items()}
+    # A strategy's own colour is its plain series', not a variant's.
+    colour_of: dict[str, str] = {}
+    for label, rows in series.items():
+        if not rows[0].get("variant"):
+            colour_of.setdefault(rows[0]["strategy"], colours[label])
     figure, axes = plt.subplots(2, 2, figsize=(12, 8.5), dpi=80)
     cap = results["meta"]["cap_s"]
 
@@ -645,7 +649,8 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         )
     ax.set_xticks(range(len(warm)), labels, fontsize=7, rotation=30)
     ax.set_yscale("log")
-    ax.set_ylim(bottom=1)
+    # Room above the tallest bar for its label.
+    ax.set_ylim(bottom=1, top=max(values, default=10) * 8)
     ax.set_ylabel("one worker's boot, up-to-date database (ms)")
     ax.set_title("Warm boot: cost per worker, round trips (rt)")
 
