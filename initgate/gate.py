@@ -654,20 +654,7 @@ class Gate:
             # Inside the revision's own transaction: the step row commits
             # with the revision, or rolls back with it, even if this holder
             # dies before the upgrade ends.
-            conn.execute(
-                *ledger.step_insert(
-                    schema,
-                    run_id,
-                    StepKind.MIGRATION,
-                    applied.revision,
-                    None,
-                    StepStatus.SUCCEEDED,
-                    applied.started_at,
-                    applied.finished_at,
-                    description=applied.doc,
-                    checksum=applied.checksum,
-                )
-            )
+            conn.execute(*_revision_row(schema, run_id, applied))
 
         try:
             report = await sa.run_sync(migrations.upgrade, record)
@@ -722,19 +709,7 @@ class Gate:
                 continue  # Written in the revision's own transaction.
             if applied.revision not in ancestors:
                 continue  # Rolled back with a later revision's transaction.
-            await ledger.insert_step(
-                sa,
-                schema,
-                run_id,
-                StepKind.MIGRATION,
-                applied.revision,
-                None,
-                StepStatus.SUCCEEDED,
-                applied.started_at,
-                applied.finished_at,
-                description=applied.doc,
-                checksum=applied.checksum,
-            )
+            await sa.execute(*_revision_row(schema, run_id, applied))
         if error is not None and report.failed_revision is not None:
             started_at = report.applied[-1].finished_at if report.applied else _now()
             await ledger.insert_step(
@@ -875,6 +850,24 @@ class _SessionLost(Exception):
 
 class _StepFailed(Exception):
     """Internal: names the seed step whose exception is the ``__cause__``."""
+
+
+def _revision_row(
+    schema: str, run_id: int, applied: AppliedRevision
+) -> tuple[Any, dict[str, Any]]:
+    """The step row of a revision that was applied."""
+    return ledger.step_insert(
+        schema,
+        run_id,
+        StepKind.MIGRATION,
+        applied.revision,
+        None,
+        StepStatus.SUCCEEDED,
+        applied.started_at,
+        applied.finished_at,
+        description=applied.doc,
+        checksum=applied.checksum,
+    )
 
 
 async def _driver(sa: AsyncConnection) -> Any:
