@@ -338,6 +338,11 @@ class Gate:
 
         session: pooler.SessionCheck | None = None
         while True:
+            if wake.is_set() and await ledger.is_warm(conn, warm_sql):
+                # Woken by the holder's NOTIFY: its run is committed, so one
+                # query passes; trying the lock first would cost every
+                # waiter a round trip and send one through the holder path.
+                return self._waited(started, target, wait_started)
             got, backend_pid = await lock.try_lock_in_backend(conn, self.key)
             if session is None:
                 # Once, on the first try: free on a direct connection, a few
@@ -363,15 +368,7 @@ class Gate:
                 )
             self.phase = Phase.WAITING
             if await ledger.is_warm(conn, warm_sql):
-                waited = _ms_since(wait_started)
-                logger.info(
-                    "waited %.0f ms; another worker completed init of %r",
-                    waited,
-                    self.namespace,
-                )
-                return GateResult(
-                    Outcome.WAITED, target, _ms_since(started), waited_ms=waited
-                )
+                return self._waited(started, target, wait_started)
             state = await ledger.read_state(
                 conn, settings.ledger_schema, self.namespace, target
             )
@@ -396,6 +393,15 @@ class Gate:
                     wake.wait(),
                     timeout=min(settings.poll_interval, deadline - now),
                 )
+
+    def _waited(self, started: float, target: str, wait_started: float) -> GateResult:
+        waited = _ms_since(wait_started)
+        logger.info(
+            "waited %.0f ms; another worker completed init of %r",
+            waited,
+            self.namespace,
+        )
+        return GateResult(Outcome.WAITED, target, _ms_since(started), waited_ms=waited)
 
     def _fail_fast(self, state: ledger.GateState) -> None:
         if state.failures >= self.settings.max_attempts:
