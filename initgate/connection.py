@@ -1,6 +1,7 @@
-"""Opening the gate's asyncpg connections, with retries and clear errors.
+"""Opening the gate's connections, with retries and clear errors.
 
-Permanent failures (wrong password, missing database, a URL asyncpg cannot
+asyncpg by default, psycopg 3 when asked (see :mod:`initgate.drivers`).
+Permanent failures (wrong password, missing database, a URL the driver cannot
 use) become ConfigurationError at once. Transient ones (the server starting,
 restarting, out of connection slots, not reachable yet) are retried with
 exponential backoff and jitter until the deadline, then become
@@ -16,6 +17,13 @@ from typing import Any
 import asyncpg
 import tenacity
 
+from initgate.drivers import (
+    AsyncpgSession,
+    Driver,
+    PsycopgSession,
+    Session,
+    errors,
+)
 from initgate.errors import ConfigurationError, DatabaseUnavailableError
 from initgate.settings import Settings
 
@@ -46,8 +54,9 @@ async def connect(
     server_settings: dict[str, str] | None = None,
     *,
     deadline: float | None = None,
+    driver: Driver = Driver.ASYNCPG,
 ) -> Any:
-    """Open an asyncpg connection to the settings' database.
+    """Open a session to the settings' database.
 
     Args:
         settings: Where to connect.
@@ -55,6 +64,8 @@ async def connect(
             they cost no round trip.
         deadline: Seconds to keep retrying transient errors; default
             ``settings.connect_timeout``.
+        driver: asyncpg (an :class:`AsyncpgSession`) or psycopg (a
+            :class:`PsycopgSession`).
 
     Raises:
         ConfigurationError: Credentials, database name or URL are wrong.
@@ -74,8 +85,14 @@ async def connect(
             describe_error(exc, settings) if exc else "?",
         )
 
+    if driver is Driver.PSYCOPG:
+        open_once = _psycopg_connect_once
+        transient = TRANSIENT_ERRORS + _psycopg_transient_errors()
+    else:
+        open_once = _connect_once
+        transient = TRANSIENT_ERRORS
     retrying = tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+        retry=tenacity.retry_if_exception_type(transient),
         wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
         stop=tenacity.stop_after_delay(deadline),
         before_sleep=log_retry,
@@ -84,10 +101,10 @@ async def connect(
     try:
         async for attempt in retrying:
             with attempt:
-                return await _connect_once(
+                return await open_once(
                     settings, dsn, dict(server_settings or {}), deadline
                 )
-    except TRANSIENT_ERRORS as exc:
+    except transient as exc:
         raise DatabaseUnavailableError(
             f"could not connect to {settings.masked_url} within {deadline:g} s: "
             f"{describe_error(exc, settings)}; check that PostgreSQL is up and "
@@ -101,7 +118,10 @@ async def _connect_once(
 ) -> Any:
     try:
         return await asyncpg.connect(
-            dsn, server_settings=server_settings, timeout=min(deadline, 10.0)
+            dsn,
+            server_settings=server_settings,
+            timeout=min(deadline, 10.0),
+            connection_class=AsyncpgSession,
         )
     except asyncpg.UndefinedObjectError:
         # PostgreSQL before 14 has no client_connection_check_interval; go
@@ -184,8 +204,109 @@ async def _set_all(conn: Any, values: dict[str, str]) -> None:
     )
     try:
         await conn.execute(sql)
-    except asyncpg.UndefinedObjectError:
+    except errors("42704"):  # undefined_object
         # As at login: PostgreSQL before 14 lacks this one setting.
         if values.pop("client_connection_check_interval", None) is None:
             raise
         await _set_all(conn, values)
+
+
+# -- psycopg ------------------------------------------------------------------
+
+
+def _psycopg_transient_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigurationError(
+            "INITGATE_DRIVER=psycopg needs psycopg 3: pip install 'initgate[psycopg]'"
+        ) from None
+    return (psycopg.OperationalError,)
+
+
+# libpq reports a failed login as text only, without its SQLSTATE, so these
+# phrases of PostgreSQL's (English) messages are what tells a wrong
+# password from a server that is still starting. A message in another
+# language is retried until the deadline, then reported.
+_PERMANENT_LOGIN_FAILURES = (
+    "password authentication failed",
+    "authentication failed for user",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "password is required",
+    "permission denied for database",
+)
+
+
+async def _psycopg_connect_once(
+    settings: Settings, dsn: str, server_settings: dict[str, str], deadline: float
+) -> Session:
+    import psycopg
+
+    startup = dict(server_settings)
+    application_name = startup.pop("application_name", None)
+    kwargs: dict[str, Any] = {"connect_timeout": max(1, round(min(deadline, 10.0)))}
+    if application_name is not None:
+        kwargs["application_name"] = application_name
+    if startup:
+        kwargs["options"] = " ".join(
+            f"-c {name}={_escape_option(value)}" for name, value in startup.items()
+        )
+    try:
+        return await PsycopgSession.connect(dsn, **kwargs)
+    except psycopg.OperationalError as exc:
+        message = str(exc)
+        check = "client_connection_check_interval"
+        if check in message and check in server_settings:
+            # PostgreSQL before 14, as for asyncpg above.
+            logger.info(
+                "server has no client_connection_check_interval (PostgreSQL "
+                "< 14); a killed holder frees the lock only when its "
+                "statement ends"
+            )
+            fewer = {k: v for k, v in server_settings.items() if k != check}
+            return await _psycopg_connect_once(settings, dsn, fewer, deadline)
+        if "unsupported startup parameter" in message and startup:
+            return await _psycopg_connect_pooled(
+                settings, dsn, server_settings, deadline
+            )
+        if any(phrase in message for phrase in _PERMANENT_LOGIN_FAILURES):
+            raise ConfigurationError(
+                f"{settings.masked_url}: {describe_error(exc, settings)}"
+            ) from None
+        raise
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(
+            f"cannot use the database URL {settings.masked_url}: "
+            f"{describe_error(exc, settings)}"
+        ) from None
+
+
+async def _psycopg_connect_pooled(
+    settings: Settings, dsn: str, server_settings: dict[str, str], deadline: float
+) -> Session:
+    """As :func:`_connect_pooled`: log in with what a pooler keeps, SET the rest."""
+    startup = {
+        name: value
+        for name, value in server_settings.items()
+        if name.lower() == "application_name"
+    }
+    later = {k: v for k, v in server_settings.items() if k not in startup}
+    logger.info(
+        "%s refused the startup parameters %s, as a connection pooler such "
+        "as PgBouncer does; setting them after login instead",
+        settings.masked_url,
+        ", ".join(sorted(later)),
+    )
+    session = await _psycopg_connect_once(settings, dsn, startup, deadline)
+    try:
+        await _set_all(session, later)
+    except BaseException:
+        await session.close()
+        raise
+    return session
+
+
+def _escape_option(value: str) -> str:
+    # libpq's options: arguments split at spaces; a backslash escapes one.
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")

@@ -27,8 +27,6 @@ lock: if its session dies, the lock and the ability to write die with it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -42,10 +40,10 @@ from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from initgate import connection, ledger, lock, pooler
+from initgate import connection, drivers, ledger, lock, pooler
+from initgate.drivers import Driver, Session
 from initgate.errors import (
     ConfigurationError,
     DatabaseAheadError,
@@ -149,6 +147,8 @@ class Gate:
         settings: Settings,
         seeds: SeedRegistry,
         migrations: Migrations | None = None,
+        *,
+        preferred_driver: Driver = Driver.ASYNCPG,
     ) -> None:
         self.settings = settings
         self.seeds = seeds
@@ -157,6 +157,8 @@ class Gate:
         self.migrations = migrations
         self.namespace = settings.effective_namespace
         self.key = lock.LockKey.for_namespace(self.namespace)
+        self.driver = Driver(settings.gate_driver(preferred_driver))
+        """The driver of the gate's session; see ``Settings.driver``."""
         self.phase = Phase.IDLE
         self.hostname = socket.gethostname()
         self.backend_pid: int | None = None
@@ -278,9 +280,12 @@ class Gate:
 
     # -- connecting -------------------------------------------------------
 
-    async def _connect(self) -> Any:
+    async def _connect(self) -> Session:
         self.phase = Phase.CONNECTING
-        return await connection.connect(self.settings, self._server_settings())
+        session: Session = await connection.connect(
+            self.settings, self._server_settings(), driver=self.driver
+        )
+        return session
 
     def _server_settings(self) -> dict[str, str]:
         settings = self.settings
@@ -300,12 +305,14 @@ class Gate:
         return server_settings
 
     async def _check_session(
-        self, conn: Any, backend_pid: int, holding: bool
+        self, conn: Session, backend_pid: int, holding: bool
     ) -> pooler.SessionCheck:
         """Fail unless the connection keeps one backend (no transaction pooler)."""
 
         async def open_probe() -> Any:
-            return await connection.connect(self.settings, self._server_settings())
+            return await connection.connect(
+                self.settings, self._server_settings(), driver=self.driver
+            )
 
         try:
             return await pooler.check_session(
@@ -324,21 +331,18 @@ class Gate:
     # -- waiting ----------------------------------------------------------
 
     async def _wait_or_hold(
-        self, conn: Any, started: float, target: str, warm_sql: str
+        self, conn: Session, started: float, target: str, warm_sql: str
     ) -> GateResult:
         settings = self.settings
-        wake = asyncio.Event()
+        woken = False
         listening = False
         wait_started = time.monotonic()
         deadline = wait_started + settings.wait_timeout
         next_warning = wait_started + settings.long_wait_warning
 
-        def on_notify(*_: Any) -> None:
-            wake.set()
-
         session: pooler.SessionCheck | None = None
         while True:
-            if wake.is_set() and await ledger.is_warm(conn, warm_sql):
+            if woken and await ledger.is_warm(conn, warm_sql):
                 # Woken by the holder's NOTIFY: its run is committed, so one
                 # query passes; trying the lock first would cost every
                 # waiter a round trip and send one through the holder path.
@@ -356,7 +360,7 @@ class Gate:
                 # LISTEN runs outside a transaction here, so it is in effect
                 # as soon as it returns; the ledger read below then catches a
                 # NOTIFY sent just before it.
-                await conn.add_listener(self.key.channel, on_notify)
+                await conn.listen(self.key.channel)
                 await pooler.check_listening(
                     conn, self.key.channel, session, where=settings.masked_url
                 )
@@ -387,12 +391,7 @@ class Gate:
                     settings.wait_timeout,
                 )
                 next_warning = now + settings.long_wait_warning
-            wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    wake.wait(),
-                    timeout=min(settings.poll_interval, deadline - now),
-                )
+            woken = await conn.idle(min(settings.poll_interval, deadline - now))
 
     def _waited(self, started: float, target: str, wait_started: float) -> GateResult:
         waited = _ms_since(wait_started)
@@ -412,7 +411,7 @@ class Gate:
                 run_id=state.last_failed_id,
             )
 
-    async def _describe_holder(self, conn: Any, state: ledger.GateState) -> str:
+    async def _describe_holder(self, conn: Session, state: ledger.GateState) -> str:
         holder = await lock.find_holder(conn, self.key)
         running = state.running
         if running is not None:
@@ -427,7 +426,7 @@ class Gate:
             return f"held by {holder.describe()}"
         return "the lock is free now"
 
-    async def _timeout_message(self, conn: Any, state: ledger.GateState) -> str:
+    async def _timeout_message(self, conn: Session, state: ledger.GateState) -> str:
         return (
             f"waited {self.settings.wait_timeout:g} s for the init lock "
             f"{self.key} of {self.namespace!r}: "
@@ -439,7 +438,7 @@ class Gate:
 
     async def _hold(
         self,
-        conn: Any,
+        conn: Session,
         started: float,
         target: str,
         warm_sql: str,
@@ -497,29 +496,22 @@ class Gate:
         return GateResult(Outcome.DATABASE_AHEAD, target, _ms_since(started))
 
     async def _run_init(
-        self, conn: Any, started: float, target: str, waited_ms: float
+        self, conn: Session, started: float, target: str, waited_ms: float
     ) -> GateResult:
         settings = self.settings
         schema = settings.ledger_schema
         revisions_before = await ledger.read_revisions(conn, settings.version_table)
         done_seeds = await ledger.read_done_seeds(conn, schema, self.namespace)
-        engine = create_async_engine(
-            "postgresql+asyncpg://",
-            async_creator=lambda: _ready(conn),
-            poolclass=StaticPool,
-        )
-        # StaticPool hands out this one asyncpg connection and never closes
-        # it on check-in: the caller still needs it to unlock, then closes it.
-        async with engine.connect() as sa:
+        async with drivers.sqlalchemy_connection(conn) as sa:
             try:
-                run_id = await self._open_run(sa, target, revisions_before)
+                run_id = await self._open_run(sa, conn, target, revisions_before)
             except sqlalchemy.exc.DBAPIError as exc:
                 if conn.is_closed():
                     raise
                 raise self._ledger_error(exc) from None
             await self._warn_about_changed_revisions(conn)
             try:
-                migrated = await self._migrate(sa, run_id)
+                migrated = await self._migrate(sa, conn, run_id)
                 seeded = await self._seed(sa, run_id, done_seeds)
                 revisions_after = await ledger.read_revisions(
                     conn, settings.version_table
@@ -555,7 +547,11 @@ class Gate:
         return result
 
     async def _open_run(
-        self, sa: AsyncConnection, target: str, revisions_before: list[str]
+        self,
+        sa: AsyncConnection,
+        conn: Session,
+        target: str,
+        revisions_before: list[str],
     ) -> int:
         schema = self.settings.ledger_schema
         await ledger.ensure_schema(sa, schema, lock.CLASSID)
@@ -570,8 +566,6 @@ class Gate:
                 dead["pid"],
                 dead["started_at"],
             )
-        raw = await sa.get_raw_connection()
-        assert raw.driver_connection is not None
         run_id = await ledger.insert_run(
             sa,
             schema,
@@ -581,7 +575,7 @@ class Gate:
             pid=os.getpid(),
             # Behind a session pooler the connection's own key names no
             # backend; the pid the try-lock reported does.
-            backend_pid=self.backend_pid or raw.driver_connection.get_server_pid(),
+            backend_pid=self.backend_pid or conn.get_server_pid(),
             revision_from=",".join(revisions_before) or None,
             code_version=self.settings.code_version,
         )
@@ -593,9 +587,9 @@ class Gate:
     def _ledger_error(self, exc: sqlalchemy.exc.DBAPIError) -> ConfigurationError:
         """Say in one line why the ledger could not be written, and what to do."""
         cause = exc.orig.__cause__ if exc.orig is not None else None
-        driver_error = cause if isinstance(cause, Exception) else exc
+        driver_error = cause if isinstance(cause, Exception) else exc.orig or exc
         reason = " ".join(str(getattr(driver_error, "args", [""])[0]).split())
-        sqlstate = getattr(driver_error, "sqlstate", None)
+        sqlstate = drivers.sqlstate(exc)
         where = (
             f"the ledger in schema {self.settings.ledger_schema!r} on "
             f"{self.settings.masked_url}"
@@ -617,7 +611,7 @@ class Gate:
             self.settings.scrub(f"cannot write {where}: {reason}; {advice}")
         )
 
-    async def _warn_about_changed_revisions(self, conn: Any) -> None:
+    async def _warn_about_changed_revisions(self, conn: Session) -> None:
         """WARN about applied revisions whose file changed since, like Flyway.
 
         Only here, on the holder's path: the warm path stays one round trip
@@ -645,7 +639,9 @@ class Gate:
                 revision.current[:12] if revision.current else "unreadable",
             )
 
-    async def _migrate(self, sa: AsyncConnection, run_id: int) -> list[str]:
+    async def _migrate(
+        self, sa: AsyncConnection, conn: Session, run_id: int
+    ) -> list[str]:
         if self.migrations is None:
             return []
         self.phase = Phase.MIGRATING
@@ -668,7 +664,7 @@ class Gate:
             await sa.rollback()
             cause = exc.__cause__ or exc
             await self._record_migrations(
-                sa, run_id, exc.report, error=_one_line(cause, self.settings)
+                sa, conn, run_id, exc.report, error=_one_line(cause, self.settings)
             )
             raise _StepFailed(f"migration {exc.report.failed_revision}") from (
                 exc.__cause__
@@ -682,7 +678,7 @@ class Gate:
                 "could still write; see the README's env.py section",
                 migrations.config_path,
             )
-        await self._record_migrations(sa, run_id, report)
+        await self._record_migrations(sa, conn, run_id, report)
         revisions = [a.revision for a in report.applied]
         if revisions:
             logger.info(
@@ -696,6 +692,7 @@ class Gate:
     async def _record_migrations(
         self,
         sa: AsyncConnection,
+        conn: Session,
         run_id: int,
         report: UpgradeReport,
         error: str | None = None,
@@ -706,9 +703,7 @@ class Gate:
         are recorded here, after the fact, if they committed.
         """
         schema = self.settings.ledger_schema
-        committed = set(
-            await ledger.read_revisions(await _driver(sa), self.settings.version_table)
-        )
+        committed = set(await ledger.read_revisions(conn, self.settings.version_table))
         ancestors = self.migrations.ancestors(committed) if self.migrations else set()
         for applied in report.applied:
             if applied.revision in report.recorded:
@@ -792,7 +787,7 @@ class Gate:
         )
 
     async def _record_failure(
-        self, sa: AsyncConnection, conn: Any, run_id: int, exc: Exception
+        self, sa: AsyncConnection, conn: Session, run_id: int, exc: Exception
     ) -> InitGateError:
         """Mark the run failed (best effort) and build the error to raise."""
         cause = exc.__cause__ if isinstance(exc, _StepFailed) else exc
@@ -874,16 +869,6 @@ def _revision_row(
         description=applied.doc,
         checksum=applied.checksum,
     )
-
-
-async def _driver(sa: AsyncConnection) -> Any:
-    """The asyncpg connection under ``sa``, for the ledger's reads."""
-    raw = await sa.get_raw_connection()
-    return raw.driver_connection
-
-
-async def _ready(conn: Any) -> Any:
-    return conn
 
 
 def _now() -> dt.datetime:

@@ -4,10 +4,12 @@
 migration revision applied and per seed step run. Operators read both with
 plain SQL (the README has example queries).
 
-Two kinds of connection come in here. Reads take the raw asyncpg connection,
-so that a waiter never pays for SQLAlchemy's dialect setup and the warm check
-stays one round trip. Writes take the holder's SQLAlchemy ``AsyncConnection``,
-the same session that holds the lock, inside the caller's transaction.
+Two kinds of connection come in here. Reads take the gate's session (an
+asyncpg connection, or psycopg behind the same interface: see
+:mod:`initgate.drivers`), so that a waiter never pays for SQLAlchemy's
+dialect setup and the warm check stays one round trip. Writes take the
+holder's SQLAlchemy ``AsyncConnection``, the same session that holds the
+lock, inside the caller's transaction.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import asyncpg
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from initgate.drivers import errors
 
 __all__ = [
     "LEDGER_VERSION",
@@ -184,6 +187,13 @@ def _ddl_v2(schema: str) -> list[str]:
 # The DDL of each ledger version, applied in order from the one a database
 # has; a version's statements must work on a ledger of the version before.
 _LEDGER_DDL = {1: _ddl_v1, 2: _ddl_v2}
+
+_MISSING = ("42P01", "3F000")
+"""SQLSTATEs undefined_table, invalid_schema_name: a database the gate never
+ran against, so a read finds nothing."""
+_UNDEFINED_COLUMN = "42703"
+"""A ledger of an older version lacks the column."""
+
 assert sorted(_LEDGER_DDL) == list(range(1, LEDGER_VERSION + 1))
 
 
@@ -200,7 +210,10 @@ async def ensure_schema(conn: AsyncConnection, schema: str, classid: int) -> Non
         text("SELECT pg_advisory_xact_lock(:c, :o)"),
         {"c": classid, "o": _DDL_LOCK_OBJID},
     )
-    version = await read_ledger_version(await _driver_of(conn), schema)
+    table = f"{quote_ident(schema)}.init_ledger"
+    version = 0
+    if await conn.scalar(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}):
+        version = int(await conn.scalar(text(f"SELECT max(version) FROM {table}")) or 0)
     if version >= LEDGER_VERSION:
         return
     # Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the
@@ -229,18 +242,13 @@ async def read_ledger_version(conn: Any, schema: str) -> int:
     """The ledger version in ``schema``; 0 when it has no ledger tables.
 
     Args:
-        conn: An asyncpg connection.
+        conn: The gate's session or an asyncpg connection.
     """
     table = f"{quote_ident(schema)}.init_ledger"
     if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
         return 0
     version = await conn.fetchval(f"SELECT max(version) FROM {table}")
     return int(version or 0)
-
-
-async def _driver_of(conn: AsyncConnection) -> Any:
-    raw = await conn.get_raw_connection()
-    return raw.driver_connection
 
 
 def warm_check_sql(
@@ -280,7 +288,7 @@ async def is_warm(conn: Any, warm_sql: str) -> bool:
     """Run the warm check; a missing table (a fresh database) means cold."""
     try:
         status: str = await conn.execute(warm_sql)
-    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+    except errors(*_MISSING):
         return False
     return status == "SELECT 1"
 
@@ -326,7 +334,7 @@ async def read_state(conn: Any, schema: str, namespace: str, target: str) -> Gat
         row = await conn.fetchrow(
             _STATE_SQL.format(s=quote_ident(schema)), namespace, target
         )
-    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+    except errors(*_MISSING):
         return GateState(0, None, None, None)
     running = json.loads(row["running"]) if row["running"] else None
     return GateState(row["failures"], row["last_error"], row["last_failed_id"], running)
@@ -350,7 +358,7 @@ async def unreset_failures(
             "AND status IN ('succeeded', 'retry')) ORDER BY id",
             namespace,
         )
-    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+    except errors(*_MISSING):
         return []
     return [dict(row) for row in rows]
 
@@ -383,11 +391,7 @@ async def read_checksums(
             "ORDER BY s.name, s.id DESC",
             namespace,
         )
-    except (
-        asyncpg.UndefinedTableError,
-        asyncpg.InvalidSchemaNameError,
-        asyncpg.UndefinedColumnError,
-    ):
+    except errors(*_MISSING, _UNDEFINED_COLUMN):
         return []
     return [
         RecordedChecksum(r["name"], r["checksum"], r["run_id"], r["finished_at"])
@@ -399,7 +403,7 @@ async def read_revisions(conn: Any, version_table: str) -> list[str]:
     """The revisions ``alembic_version`` holds; empty when it does not exist."""
     try:
         rows = await conn.fetch(f"SELECT version_num FROM {_table(version_table)}")
-    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+    except errors(*_MISSING):
         return []
     return sorted(str(r["version_num"]) for r in rows)
 
@@ -416,7 +420,7 @@ async def read_done_seeds(
             "WHERE r.namespace = $1 AND s.kind = 'seed' AND s.status = 'succeeded'",
             namespace,
         )
-    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+    except errors(*_MISSING):
         return set()
     return {(r["name"], r["version"]) for r in rows}
 
@@ -583,7 +587,7 @@ async def fetch_runs(
             "ORDER BY id",
             [r["id"] for r in runs],
         )
-    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+    except errors(*_MISSING):
         return []
     by_run: dict[int, list[dict[str, Any]]] = {}
     for step in steps:
@@ -599,7 +603,7 @@ async def fetch_run(conn: Any, schema: str, run_id: int) -> dict[str, Any] | Non
         steps = await conn.fetch(
             f"SELECT * FROM {s}.init_steps WHERE run_id = $1 ORDER BY id", run_id
         )
-    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+    except errors(*_MISSING):
         return None
     if run is None:
         return None
@@ -654,7 +658,7 @@ async def prune_runs(
     ``before`` is required.
 
     Args:
-        conn: An asyncpg connection; the delete is one statement.
+        conn: An asyncpg connection or a session; the delete is one statement.
         namespace: Only this namespace's runs; None for every namespace.
         dry_run: Only return the ids that would go.
     """
@@ -671,6 +675,6 @@ async def prune_runs(
         rows = await conn.fetch(
             _PRUNE_SQL.format(s=s) + action, namespace, keep, before
         )
-    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+    except errors(*_MISSING):
         return []
     return sorted(row["id"] for row in rows)

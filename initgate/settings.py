@@ -10,7 +10,7 @@ import os
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -42,7 +42,7 @@ def _parse_url(raw: str) -> sqlalchemy.URL:
     if url.drivername not in _POSTGRES_DRIVERS:
         raise ConfigurationError(
             f"the database URL uses scheme {url.drivername!r}; expected "
-            "postgresql:// (initgate picks the asyncpg driver itself)"
+            "postgresql:// (initgate picks its driver itself; see INITGATE_DRIVER)"
         )
     if not url.database:
         raise ConfigurationError(
@@ -151,6 +151,12 @@ class Settings(BaseSettings):
     long_wait_warning: float = Field(30.0, gt=0)
     """Seconds of waiting after which a waiter logs a WARNING, and again."""
 
+    driver: Literal["asyncpg", "psycopg"] | None = None
+    """Driver of the gate's session. Default: psycopg for a
+    ``postgresql+psycopg://`` URL, else what the entry point prefers
+    (asyncpg for :class:`~initgate.InitGate`, psycopg for
+    :class:`~initgate.sync.SyncInitGate`)."""
+
     @field_validator("alembic_config", mode="before")
     @classmethod
     def _empty_means_none(cls, value: Any) -> Any:
@@ -221,6 +227,18 @@ class Settings(BaseSettings):
         """
         chosen = self.gate_database_url or self.database_url
         return _parse_url(chosen.get_secret_value())
+
+    def gate_driver(self, preferred: str) -> str:
+        """The driver the gate's session uses.
+
+        :attr:`driver` when set, else the one the URL names
+        (``postgresql+psycopg://``, ``postgresql+asyncpg://``), else
+        ``preferred``, the entry point's choice.
+        """
+        if self.driver is not None:
+            return self.driver
+        named = self.url.drivername.partition("+")[2]
+        return named if named in ("asyncpg", "psycopg") else preferred
 
     @property
     def masked_url(self) -> str:

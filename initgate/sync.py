@@ -13,11 +13,15 @@
 Call :meth:`SyncInitGate.run` where each worker starts: a Flask app factory,
 gunicorn's ``post_worker_init`` hook, Django's ``AppConfig.ready``.
 
-It runs the very protocol the async gate runs, in a private event loop on a
-thread of its own, rather than a second implementation of it over a sync
-driver: one protocol, one set of guarantees and tests. Sync seed bodies run
-through ``AsyncConnection.run_sync``, on the holder's connection, so they get
-an ordinary SQLAlchemy ``Connection`` inside the step's transaction.
+Its session is psycopg 3 by default (``pip install initgate[psycopg]``), the
+driver sync applications already use; ``INITGATE_DRIVER=asyncpg`` or a
+``postgresql+asyncpg://`` URL chooses asyncpg instead. Either way it runs the
+very protocol the async gate runs, in a private event loop on a thread of its
+own, rather than a second implementation of it: one protocol, one set of
+guarantees and tests (see :mod:`initgate.drivers`). Sync seed bodies run
+through ``AsyncConnection.run_sync`` on the holder's connection, so they get
+an ordinary SQLAlchemy ``Connection`` inside the step's transaction; with
+psycopg, ``conn.connection`` is psycopg's DBAPI connection under it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from initgate.drivers import Driver
 from initgate.gate import Gate, GateResult
 from initgate.seeds import SeedRegistry
 from initgate.settings import Settings
@@ -87,7 +92,7 @@ class SyncInitGate:
         Raises:
             The errors of :meth:`initgate.gate.Gate.run`.
         """
-        gate = Gate(self.settings, self.seeds)
+        gate = Gate(self.settings, self.seeds, preferred_driver=Driver.PSYCOPG)
         # A thread of its own: asyncio.run refuses to start inside a thread
         # that already runs a loop (a Jupyter kernel, an ASGI-in-WSGI shim).
         with concurrent.futures.ThreadPoolExecutor(

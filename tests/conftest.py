@@ -332,6 +332,18 @@ async def ddl_log(pg_server: PgServer, db: DatabaseAdmin) -> DdlLog:
     return log
 
 
+@pytest.fixture(params=["asyncpg", "psycopg"])
+def gate_driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per driver of the gate's session.
+
+    Sets ``INITGATE_DRIVER``, which gates built in the test and worker
+    processes spawned by it (they inherit the environment) both read.
+    """
+    driver: str = request.param
+    monkeypatch.setenv("INITGATE_DRIVER", driver)
+    return driver
+
+
 @pytest.fixture
 def round_trip_proxy(pg_server: PgServer) -> Iterator[RoundTripProxy]:
     """A counting proxy to the server; ``.url_for(database_name)`` to use it."""

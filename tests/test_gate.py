@@ -34,6 +34,10 @@ from initgate.migrate import Migrations
 from tests.helpers import DatabaseAdmin, DdlLog, RoundTripProxy, free_port
 from tests.project import Project, Revision, make_gate
 
+# Every test here runs over asyncpg and over psycopg: the protocol is one,
+# the drivers under it are two.
+pytestmark = pytest.mark.usefixtures("gate_driver")
+
 ITEMS = Revision.sql(
     "r1_items", "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)"
 )
