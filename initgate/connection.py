@@ -219,7 +219,9 @@ def _psycopg_transient_errors() -> tuple[type[Exception], ...]:
         import psycopg
     except ImportError:
         raise ConfigurationError(
-            "INITGATE_DRIVER=psycopg needs psycopg 3: pip install 'initgate[psycopg]'"
+            "the gate's driver is psycopg (SyncInitGate's default, or "
+            "INITGATE_DRIVER), and psycopg 3 is not installed: pip install "
+            "'initgate[psycopg]', or set INITGATE_DRIVER=asyncpg"
         ) from None
     return (psycopg.OperationalError,)
 

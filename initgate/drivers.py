@@ -307,7 +307,7 @@ def errors(*sqlstates: str) -> tuple[type[Exception], ...]:
     For ``except`` clauses; it is evaluated only when an exception is being
     matched, and imports no driver.
     """
-    return _errors(sqlstates, "psycopg" in sys.modules)
+    return _errors(sqlstates, sys.modules.get("psycopg") is not None)
 
 
 @functools.cache

@@ -31,6 +31,10 @@ from tests.drills.servers import CANARY, DrillPostgres, drill_postgres
 from tests.helpers import DatabaseAdmin
 from tests.project import Project, Revision, make_gate
 
+# Each case over asyncpg and over psycopg: each driver words its errors in
+# its own way, and the gate must turn both into the same clear line.
+pytestmark = pytest.mark.usefixtures("gate_driver")
+
 ITEMS = Revision.sql("r1_items", "CREATE TABLE items (id int)")
 
 

@@ -1,7 +1,12 @@
-"""SyncInitGate: the same guarantees for applications without an event loop."""
+"""SyncInitGate: the same guarantees for applications without an event loop.
+
+Its session is psycopg 3 unless told otherwise; the processes here use that
+default, and one test shows it is psycopg they depend on.
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -13,7 +18,9 @@ from sqlalchemy import Connection, text
 from initgate import Outcome, Settings
 from initgate.sync import SyncInitGate
 from tests.conftest import SpawnPython
-from tests.helpers import REPO_ROOT, DatabaseAdmin, free_port
+from tests.helpers import REPO_ROOT, DatabaseAdmin, DdlLog, free_port
+from tests.project import Project, Revision
+from tests.test_workers import CONCURRENT_INDEX, LONG_MIGRATION, wait_for_query
 
 PASS_SYNC_GATE = """
 import os
@@ -50,6 +57,150 @@ def test_sync_processes_released_together_seed_exactly_once(
     outcomes = sorted(r.stdout.split()[-1] for r in results)
     assert outcomes.count("ran") == 1, outcomes
     assert trace.read_text().count("plans") == 1
+
+
+# A sync process with migrations and a seed step, reporting how it passed.
+PASS_SYNC_PROJECT_GATE = """
+import json, os, time
+from sqlalchemy import text
+from initgate.sync import SyncInitGate
+
+gate = SyncInitGate.from_env(alembic_config=os.environ["PROJECT_INI"])
+
+@gate.seed("labels", version=1)
+def seed(conn):
+    with open(os.environ["APP_SEED_TRACE_FILE"], "a") as trace:
+        trace.write("labels\\n")
+    conn.execute(text("UPDATE items SET name = 'labelled' WHERE id <= 10"))
+
+result = gate.run()
+print(json.dumps({"outcome": result.outcome.value, "passed": time.time()}))
+"""
+
+
+async def test_sync_processes_migrate_concurrently_indexed_and_seed_exactly_once(
+    database_url: str,
+    db: DatabaseAdmin,
+    ddl_log: DdlLog,
+    spawn_python: SpawnPython,
+    tmp_path: Path,
+) -> None:
+    trace = tmp_path / "trace"
+    project = (
+        Project(tmp_path / "p")
+        .add(
+            Revision.sql(
+                "r1_items",
+                "CREATE TABLE items (id int PRIMARY KEY, name text)",
+                "INSERT INTO items SELECT g, md5(g::text) "
+                "FROM generate_series(1, 50000) g",
+            )
+        )
+        .add(CONCURRENT_INDEX)
+    )
+    herd = spawn_python(
+        PASS_SYNC_PROJECT_GATE,
+        n=12,
+        env={
+            "DATABASE_URL": database_url,
+            "PROJECT_INI": str(project.ini),
+            "APP_SEED_TRACE_FILE": str(trace),
+        },
+        preload=["initgate.sync", "psycopg"],
+    )
+    herd.release()
+    results = herd.wait_all(timeout=120)
+
+    failed = [r.describe() for r in results if r.returncode != 0]
+    assert not failed, "\n".join(failed)
+    outcomes = [json.loads(r.stdout.splitlines()[-1])["outcome"] for r in results]
+    assert outcomes.count("ran") == 1, outcomes
+    assert await ddl_log.count("CREATE TABLE", "items") == 1
+    assert await ddl_log.count("CREATE INDEX", "items_name_idx") == 1
+    assert await db.fetchval(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'items_name_idx'::regclass"
+    )
+    assert trace.read_text().split() == ["labels"]
+    assert await db.fetchval("SELECT count(*) FROM items WHERE name = 'labelled'") == 10
+
+
+async def test_sync_holder_killed_mid_migration_is_taken_over_once(
+    database_url: str,
+    db: DatabaseAdmin,
+    ddl_log: DdlLog,
+    spawn_python: SpawnPython,
+    tmp_path: Path,
+) -> None:
+    trace = tmp_path / "trace"
+    project = (
+        Project(tmp_path / "p")
+        .add(Revision.sql("r0_items", "CREATE TABLE items (id int, name text)"))
+        .add(LONG_MIGRATION)
+    )
+    env = {
+        "DATABASE_URL": database_url,
+        "PROJECT_INI": str(project.ini),
+        "APP_SEED_TRACE_FILE": str(trace),
+    }
+    holder = spawn_python(PASS_SYNC_PROJECT_GATE, n=1, env=env, preload=["psycopg"])
+    holder.release()
+    await wait_for_query(db, "pg_sleep(CASE", timeout=60)
+    waiters = spawn_python(PASS_SYNC_PROJECT_GATE, n=3, env=env, preload=["psycopg"])
+    waiters.release()
+    time.sleep(1.0)  # The waiters are past their first try-lock by now.
+
+    await db.execute("CREATE TABLE resume (id int)")
+    holder.kill()
+    results = waiters.wait_all(timeout=60)
+
+    failed = [r.describe() for r in results if r.returncode != 0]
+    assert not failed, "\n".join(failed)
+    outcomes = [json.loads(r.stdout.splitlines()[-1])["outcome"] for r in results]
+    assert outcomes.count("ran") == 1, outcomes
+    statuses = await db.fetch("SELECT status FROM init_runs ORDER BY id")
+    assert [r["status"] for r in statuses] == ["abandoned", "succeeded"]
+    assert await ddl_log.count("CREATE TABLE", "first_half") == 1
+    assert await ddl_log.count("CREATE TABLE", "second_half") == 1
+    assert trace.read_text().split() == ["labels"]
+
+
+WITHOUT_PSYCOPG = """
+import sys
+sys.modules["psycopg"] = None  # as if it were not installed
+from initgate import InitGateError
+from initgate.sync import SyncInitGate
+
+gate = SyncInitGate.from_env(alembic_config=None)
+try:
+    print(gate.run().outcome.value)
+except InitGateError as exc:
+    print(f"{type(exc).__name__}: {exc}")
+"""
+
+
+async def test_sync_gate_runs_on_psycopg_unless_told_to_use_asyncpg(
+    database_url: str, db: DatabaseAdmin
+) -> None:
+    env = {"DATABASE_URL": database_url, "PYTHONPATH": str(REPO_ROOT)}
+
+    def run(**extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", WITHOUT_PSYCOPG],
+            env={"PATH": "/usr/bin:/bin", **env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    refused = run()
+    assert refused.startswith("ConfigurationError:"), refused
+    assert "pip install 'initgate[psycopg]'" in refused
+    assert await db.fetchval("SELECT to_regclass('init_runs')") is None
+
+    assert run(INITGATE_DRIVER="asyncpg") == "ran"
+    assert await db.fetchval("SELECT count(*) FROM init_runs") == 1
 
 
 async def test_sync_gate_works_from_inside_a_running_loop(

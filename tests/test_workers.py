@@ -72,6 +72,7 @@ async def assert_demo_initialised_once(
     assert [r["status"] for r in runs] == ["succeeded"]
 
 
+@pytest.mark.usefixtures("gate_driver")
 async def test_32_processes_released_together_init_exactly_once(
     database_url: str,
     db: DatabaseAdmin,
@@ -84,7 +85,7 @@ async def test_32_processes_released_together_init_exactly_once(
         PASS_DEMO_GATE,
         n=32,
         env={"DATABASE_URL": database_url, "APP_SEED_TRACE_FILE": str(trace)},
-        preload=["asyncpg", "app.gate", "app.seeds"],
+        preload=["asyncpg", "psycopg", "app.gate", "app.seeds"],
         ready_timeout=120,
     )
     herd.release()
@@ -192,6 +193,7 @@ async def wait_for_query(db: DatabaseAdmin, fragment: str, timeout: float) -> in
     raise AssertionError(f"no session ran {fragment!r} within {timeout} s")
 
 
+@pytest.mark.usefixtures("gate_driver")
 async def test_sigkilled_holder_mid_statement_is_taken_over_within_a_second_or_so(
     database_url: str,
     db: DatabaseAdmin,
@@ -201,10 +203,14 @@ async def test_sigkilled_holder_mid_statement_is_taken_over_within_a_second_or_s
 ) -> None:
     project = Project(tmp_path / "p").add(LONG_MIGRATION)
     env = {"DATABASE_URL": database_url, "PROJECT_INI": str(project.ini)}
-    holder = spawn_python(PASS_PROJECT_GATE, n=1, env=env, preload=["initgate"])
+    holder = spawn_python(
+        PASS_PROJECT_GATE, n=1, env=env, preload=["initgate", "psycopg"]
+    )
     holder.release()
     await wait_for_query(db, "pg_sleep(CASE", timeout=60)
-    waiters = spawn_python(PASS_PROJECT_GATE, n=3, env=env, preload=["initgate"])
+    waiters = spawn_python(
+        PASS_PROJECT_GATE, n=3, env=env, preload=["initgate", "psycopg"]
+    )
     waiters.release()
     time.sleep(1.0)  # The waiters are past their first try-lock by now.
     assert await db.fetchval("SELECT to_regclass('first_half')") is None
@@ -239,6 +245,7 @@ CONCURRENT_INDEX = Revision(
 )
 
 
+@pytest.mark.usefixtures("gate_driver")
 async def test_create_index_concurrently_completes_while_16_workers_wait(
     database_url: str,
     db: DatabaseAdmin,
@@ -258,7 +265,9 @@ async def test_create_index_concurrently_completes_while_16_workers_wait(
         .add(CONCURRENT_INDEX)
     )
     env = {"DATABASE_URL": database_url, "PROJECT_INI": str(project.ini)}
-    herd = spawn_python(PASS_PROJECT_GATE, n=16, env=env, preload=["initgate"])
+    herd = spawn_python(
+        PASS_PROJECT_GATE, n=16, env=env, preload=["initgate", "psycopg"]
+    )
     herd.release()
     results = herd.wait_all(timeout=120)
 
