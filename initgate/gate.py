@@ -322,6 +322,7 @@ class Gate:
                 holding=holding,
                 open_probe=open_probe,
                 where=self.settings.masked_url,
+                session_pooler_allowed=self.settings.allow_session_pooler,
             )
         except UnsupportedConnectionError:
             if holding:

@@ -24,7 +24,15 @@ How this module tells, on the cold path only:
    ``pg_backend_pid()`` as the try-lock statement reported it, the client
    talks to its backend directly (or through a plain TCP proxy): nothing more
    to check and no round trip spent.
-2. Otherwise a pooler is in between, and the session is tested by asking:
+2. Otherwise a pooler is in between. Unless the settings say that it pools
+   in session mode (``INITGATE_ALLOW_SESSION_POOLER``), the gate refuses it:
+   while other clients share the pool, no probe can prove session mode,
+   because their statements take and release the pool's backends in between
+   and can hide a transaction pooler's moves (a herd of workers starting
+   together through PgBouncer in transaction mode got past the probes below
+   in about one run in three).
+3. With that setting, the session is still tested, as a second line of
+   defence that catches a pool mode set wrongly when the pool is quiet:
    this connection, again, whether it is still in the same backend (and, if it
    took the lock, whether that backend holds it); a second, fresh connection
    whether it landed in that same backend or one holding the lock; then this
@@ -97,12 +105,14 @@ async def check_session(
     holding: bool,
     open_probe: OpenConnection,
     where: str,
+    session_pooler_allowed: bool = False,
 ) -> SessionCheck:
     """Check that ``conn`` keeps one backend, so a session lock can hold.
 
     Call it right after the first try-lock, with the pid that statement
-    returned. Costs nothing on a direct connection; behind a pooler, three
-    short queries and one extra connection (closed before returning).
+    returned. Costs nothing on a direct connection. Behind a pooler it
+    fails, unless ``session_pooler_allowed``; then it spends three short
+    queries and one extra connection (closed before returning) on probing.
 
     Args:
         conn: The gate's asyncpg connection.
@@ -111,14 +121,28 @@ async def check_session(
         holding: Whether that try-lock took the lock.
         open_probe: Opens a second connection the way ``conn`` was opened.
         where: The masked URL, for the message.
+        session_pooler_allowed: The user says the pooler keeps sessions.
 
     Raises:
         UnsupportedConnectionError: The connection does not keep a session,
             with what was seen and what to do. The caller still holds
             whatever lock it took (see :func:`release_lock`).
     """
-    if conn.get_server_pid() == backend_pid:
+    login_pid = conn.get_server_pid()
+    if login_pid == backend_pid:
         return SessionCheck(backend_pid, pooled=False)
+    if not session_pooler_allowed:
+        what = "took the init lock" if holding else "tried the init lock"
+        raise UnsupportedConnectionError(
+            f"the gate's connection to {where} goes through a connection "
+            f"pooler: its login named backend pid {login_pid}, but it {what} "
+            f"in backend pid {backend_pid}. A session-level advisory lock "
+            "holds there only if the pooler keeps one backend per client "
+            "connection (PgBouncer pool_mode=session), which no check can "
+            "prove while other clients share the pool. Point "
+            "INITGATE_GATE_DATABASE_URL at PostgreSQL itself; or, if this "
+            "pool is in session mode, set INITGATE_ALLOW_SESSION_POOLER=true"
+        )
 
     same = f"SELECT 1 WHERE pg_catalog.pg_backend_pid() = {backend_pid}"
     if holding:

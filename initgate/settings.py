@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     allow_unknown_revisions: bool = False
     """Start even when the database has revisions this code does not know."""
 
+    allow_session_pooler: bool = False
+    """The gate's URL goes through a pooler in session mode (PgBouncer
+    ``pool_mode=session``), which keeps the lock; any pooler is refused
+    without it, as no check can tell the modes apart for certain."""
+
     connection_check_interval: int = Field(1000, ge=0)
     """Milliseconds; PostgreSQL checks the holder's client is alive this often
     during a statement (0 disables), so a killed holder frees the lock fast."""

@@ -74,6 +74,10 @@ def upstream() -> Iterator[ListeningPostgres]:
         server.stop()
 
 
+# Over asyncpg and over psycopg: PgBouncer refuses some startup parameters
+# of each, in its own way.
+pytestmark = pytest.mark.usefixtures("gate_driver")
+
 MakeBouncer = Callable[[str], PgBouncer]
 
 
@@ -145,22 +149,35 @@ def demo_gate(database_url: str, **settings: object) -> tuple[InitGate, list[str
 
 
 @pytest.mark.parametrize("pool_mode", ["transaction", "statement"])
+@pytest.mark.parametrize(
+    ("declared_session_mode", "expected"),
+    [
+        # Any pooler is refused unless declared to pool sessions.
+        (False, "INITGATE_ALLOW_SESSION_POOLER"),
+        # Declared wrongly: the probes of a quiet pool still catch it.
+        (True, "does not keep one PostgreSQL session"),
+    ],
+)
 async def test_transaction_pooling_is_refused_before_anything_is_written(
     pgbouncer: MakeBouncer,
     fresh_database: str,
     direct_db: DatabaseAdmin,
     direct_ddl_log: DdlLog,
     pool_mode: str,
+    declared_session_mode: bool,
+    expected: str,
 ) -> None:
     bouncer = pgbouncer(pool_mode)
-    gate, ran = demo_gate(bouncer.url_for(fresh_database))
+    gate, ran = demo_gate(
+        bouncer.url_for(fresh_database), allow_session_pooler=declared_session_mode
+    )
 
     with pytest.raises(UnsupportedConnectionError) as raised:
         await gate.run()
 
     message = str(raised.value)
-    assert "does not keep one PostgreSQL session" in message
-    assert "pool_mode=transaction" in message
+    assert expected in message
+    assert "pool_mode=" in message
     assert "INITGATE_GATE_DATABASE_URL" in message
     assert ran == []
     assert await direct_ddl_log.entries() == []
@@ -209,6 +226,26 @@ async def test_every_worker_through_transaction_pooling_fails_clearly(
     assert await direct_db.fetchval("SELECT to_regclass('init_runs')") is None
 
 
+async def test_session_pooling_is_refused_unless_declared(
+    pgbouncer: MakeBouncer,
+    fresh_database: str,
+    direct_db: DatabaseAdmin,
+    direct_ddl_log: DdlLog,
+) -> None:
+    bouncer = pgbouncer("session")
+    gate, ran = demo_gate(bouncer.url_for(fresh_database))
+
+    with pytest.raises(UnsupportedConnectionError) as raised:
+        await gate.run()
+
+    message = str(raised.value)
+    assert "goes through a connection pooler" in message
+    assert "INITGATE_ALLOW_SESSION_POOLER=true" in message
+    assert ran == []
+    assert await direct_ddl_log.entries() == []
+    assert await direct_db.fetchval("SELECT to_regclass('init_runs')") is None
+
+
 async def test_session_pooling_keeps_the_lock_and_records_the_real_backend(
     pgbouncer: MakeBouncer,
     fresh_database: str,
@@ -216,7 +253,7 @@ async def test_session_pooling_keeps_the_lock_and_records_the_real_backend(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     bouncer = pgbouncer("session")
-    gate, ran = demo_gate(bouncer.url_for(fresh_database))
+    gate, ran = demo_gate(bouncer.url_for(fresh_database), allow_session_pooler=True)
 
     with caplog.at_level(logging.INFO, logger="initgate"):
         result = await gate.run()
@@ -240,7 +277,9 @@ async def test_a_waiter_through_session_pooling_listens_in_its_own_backend(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     bouncer = pgbouncer("session")
-    gate, ran = demo_gate(bouncer.url_for(fresh_database), wait_timeout=2)
+    gate, ran = demo_gate(
+        bouncer.url_for(fresh_database), wait_timeout=2, allow_session_pooler=True
+    )
     blocker = await asyncpg.connect(upstream.url(fresh_database))
     try:
         key = gate.gate.key
@@ -277,6 +316,7 @@ async def test_session_pooling_inits_exactly_once_under_uvicorn_workers(
         workers=4,
         env={
             "DATABASE_URL": bouncer.url_for(fresh_database),
+            "INITGATE_ALLOW_SESSION_POOLER": "true",
             "APP_SEED_TRACE_FILE": str(trace),
         },
     )
