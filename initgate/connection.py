@@ -93,7 +93,7 @@ async def connect(
         transient = TRANSIENT_ERRORS
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception_type(transient),
-        wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+        wait=_within(deadline, tenacity.wait_random_exponential(0.05, max=2.0)),
         stop=tenacity.stop_after_delay(deadline),
         before_sleep=log_retry,
         reraise=True,
@@ -111,6 +111,20 @@ async def connect(
             "reachable, or raise INITGATE_CONNECT_TIMEOUT"
         ) from None
     raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+def _within(deadline: float, wait: tenacity.wait.wait_base) -> Any:
+    """``wait``, cut short so that the last attempt starts at the deadline.
+
+    Without the cut, the backoff's last sleep (up to 2 s) would carry the
+    failure that far past ``INITGATE_CONNECT_TIMEOUT``.
+    """
+
+    def capped(state: tenacity.RetryCallState) -> float:
+        remaining = deadline - (state.seconds_since_start or 0.0)
+        return max(0.0, min(wait(state), remaining))
+
+    return capped
 
 
 async def _connect_once(
