@@ -53,17 +53,13 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import asyncpg
-import sqlalchemy
 import typer
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
-from initgate import demo as demo_service
-from initgate import ledger, ops
 from initgate.errors import (
     ConfigurationError,
     DatabaseAheadError,
@@ -72,10 +68,17 @@ from initgate.errors import (
     UnsupportedConnectionError,
     WaitTimeoutError,
 )
-from initgate.gate import Gate, GateResult, Outcome, Phase
-from initgate.ledger import RunStatus, StepKind
-from initgate.lifespan import InitGate
-from initgate.settings import Settings
+
+# Every process of the command builds the whole command line, for --help too,
+# so only typer, rich and the exceptions are imported with this module. The
+# rest (SQLAlchemy, asyncpg, Alembic, FastAPI: more than a second of CPU) is
+# imported by the commands that use it.
+if TYPE_CHECKING:
+    from initgate import demo as demo_service
+    from initgate import ops
+    from initgate.gate import Gate, GateResult, Phase
+    from initgate.lifespan import InitGate
+    from initgate.settings import Settings
 
 __all__ = ["ExitCode", "cli", "main"]
 
@@ -207,6 +210,9 @@ def _scrub(text: str) -> str:
     text = _URL_PASSWORD.sub(r"\1***@", text)
     urls = [os.environ.get("INITGATE_DATABASE_URL"), os.environ.get("DATABASE_URL")]
     for raw in filter(None, [*urls, *_given_urls]):
+        # Imported here: most error lines (a usage error) have no URL to parse.
+        import sqlalchemy
+
         try:
             password = sqlalchemy.make_url(raw).password
         except Exception:
@@ -276,17 +282,22 @@ def run(
         _print_line(_describe_result(result, gate))
 
 
-_PHASE_WORDS = {
-    Phase.IDLE: "starting",
-    Phase.CONNECTING: "connecting to the database",
-    Phase.CHECKING: "checking whether init is up to date",
-    Phase.WAITING: "waiting for the init lock",
-    Phase.HOLDING: "holding the init lock",
-    Phase.MIGRATING: "holding the init lock: migrating",
-    Phase.SEEDING: "holding the init lock: seeding",
-    Phase.PASSED: "passed",
-    Phase.FAILED: "failed",
-}
+def _phase_words() -> dict[Phase, str]:
+    """What the spinner says in each phase of the gate."""
+    from initgate.gate import Phase
+
+    return {
+        Phase.IDLE: "starting",
+        Phase.CONNECTING: "connecting to the database",
+        Phase.CHECKING: "checking whether init is up to date",
+        Phase.WAITING: "waiting for the init lock",
+        Phase.HOLDING: "holding the init lock",
+        Phase.MIGRATING: "holding the init lock: migrating",
+        Phase.SEEDING: "holding the init lock: seeding",
+        Phase.PASSED: "passed",
+        Phase.FAILED: "failed",
+    }
+
 
 # Seconds between holder queries while waiting: each is a round trip on a
 # connection of the spinner's own, never on the gate's.
@@ -295,6 +306,9 @@ _HOLDER_POLL = 1.0
 
 async def _run_with_spinner(app_gate: InitGate) -> GateResult:
     """Pass the gate while a spinner shows its phase and whom it waits for."""
+    from initgate.gate import Phase
+
+    phase_words = _phase_words()
     gate = app_gate.gate
     task = asyncio.create_task(app_gate.run())
     watcher: Any = None
@@ -302,10 +316,10 @@ async def _run_with_spinner(app_gate: InitGate) -> GateResult:
     next_poll = 0.0
     started = time.monotonic()
     try:
-        with out.status(Text(_PHASE_WORDS[gate.phase])) as spinner:
+        with out.status(Text(phase_words[gate.phase])) as spinner:
             while not task.done():
                 await asyncio.wait({task}, timeout=0.2)
-                text = _PHASE_WORDS[gate.phase]
+                text = phase_words[gate.phase]
                 if gate.phase is Phase.WAITING:
                     if time.monotonic() >= next_poll:
                         next_poll = time.monotonic() + _HOLDER_POLL
@@ -326,6 +340,10 @@ async def _run_with_spinner(app_gate: InitGate) -> GateResult:
 
 async def _poll_holder(watcher: Any, settings: Settings, gate: Gate) -> tuple[Any, str]:
     """Describe the holder on the spinner's own connection; best effort."""
+    import asyncpg
+
+    from initgate import ops
+
     try:
         if watcher is None or watcher.is_closed():
             watcher = await ops.connect(settings, "run")
@@ -343,6 +361,8 @@ def _load_gate(spec: str) -> InitGate:
         ConfigurationError: It cannot be imported or is something else;
             also whatever ConfigurationError the import itself raises.
     """
+    from initgate.lifespan import InitGate
+
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ConfigurationError(
@@ -385,6 +405,8 @@ def _load_gate(spec: str) -> InitGate:
 
 
 def _describe_result(result: GateResult, gate: InitGate) -> str:
+    from initgate.gate import Outcome
+
     namespace = gate.settings.effective_namespace
     elapsed = _duration(result.elapsed_ms)
     if result.outcome is Outcome.RAN:
@@ -455,6 +477,8 @@ def _ledger_settings(
     Raises:
         ConfigurationError: A setting is missing or invalid.
     """
+    from initgate.settings import Settings
+
     if database_url:
         _given_urls.append(database_url)
     overrides = {
@@ -469,13 +493,28 @@ def _ledger_settings(
     )
 
 
+class RunStatusChoice(enum.StrEnum):
+    """The values of ``history --status``: those of :class:`~initgate.ledger.RunStatus`.
+
+    Spelt out again because every process builds every command's options,
+    for ``--help`` too, and importing RunStatus would bring SQLAlchemy and
+    asyncpg along with the ledger; tests/test_cli.py checks that they agree.
+    """
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+    RETRY = "retry"
+
+
 @cli.command(epilog=_EXIT_CODES_HELP)
 def history(
     limit: Annotated[
         int, typer.Option(min=1, help="Show at most this many runs, newest first.")
     ] = 20,
     status: Annotated[
-        list[RunStatus] | None,
+        list[RunStatusChoice] | None,
         typer.Option(help="Only runs with this status; repeat for several."),
     ] = None,
     since: Annotated[
@@ -559,6 +598,8 @@ async def read_history(
         ConfigurationError: The URL, the credentials or the database are wrong.
         DatabaseUnavailableError: The server did not answer in time.
     """
+    from initgate import ledger, ops
+
     namespace = settings.effective_namespace
     conn = await ops.connect(settings, "history")
     try:
@@ -700,6 +741,8 @@ def status(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> Non
     date, **6** when init is pending, **1** when the last run failed, **5**
     when the database is ahead of the code.
     """
+    from initgate import ops
+
     try:
         app_gate = _load_app(app)
         found = asyncio.run(ops.read_status(app_gate.gate))
@@ -714,6 +757,8 @@ def status(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> Non
 
 
 def _status_exit_code(found: ops.Status, settings: Settings) -> ExitCode:
+    from initgate.ledger import RunStatus
+
     if found.unknown_revisions and not settings.allow_unknown_revisions:
         return ExitCode.DATABASE_AHEAD
     if found.up_to_date or found.unknown_revisions:
@@ -876,6 +921,8 @@ def show(
 
 
 async def _read_run(settings: Settings, run_id: int) -> dict[str, Any]:
+    from initgate import ledger, ops
+
     conn = await ops.connect(settings, "show")
     try:
         run = await ledger.fetch_run(conn, settings.ledger_schema, run_id)
@@ -968,13 +1015,6 @@ def _print_steps(steps: Sequence[dict[str, Any]]) -> None:
 
 # -- initgate check -------------------------------------------------------------
 
-_LEVEL_STYLES = {
-    ops.CheckLevel.OK: "green",
-    ops.CheckLevel.WARN: "yellow",
-    ops.CheckLevel.FAIL: "bold red",
-    ops.CheckLevel.SKIP: "dim",
-}
-
 
 @cli.command(epilog=_EXIT_CODES_HELP)
 def check(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> None:
@@ -986,6 +1026,9 @@ def check(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> None
     locks, the server is PostgreSQL 14+, and that no applied revision's file
     has changed since. Exits **7** if any finding is FAIL.
     """
+    from initgate import ops
+    from initgate.settings import Settings
+
     findings = []
     seeds = None
     try:
@@ -1016,13 +1059,21 @@ def check(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> None
 
 
 def _print_findings(findings: Sequence[ops.Finding], as_json: bool) -> None:
+    from initgate.ops import CheckLevel
+
+    styles = {
+        CheckLevel.OK: "green",
+        CheckLevel.WARN: "yellow",
+        CheckLevel.FAIL: "bold red",
+        CheckLevel.SKIP: "dim",
+    }
     if as_json:
-        failed = any(f.level is ops.CheckLevel.FAIL for f in findings)
+        failed = any(f.level is CheckLevel.FAIL for f in findings)
         _print_json({"ok": not failed, "findings": list(findings)})
         return
     width = max(len(finding.check) for finding in findings)
     for finding in findings:
-        line = Text(f"{finding.level.value:<4}  ", style=_LEVEL_STYLES[finding.level])
+        line = Text(f"{finding.level.value:<4}  ", style=styles[finding.level])
         line.append(
             f"{finding.check.ljust(width)}  {_one_line(_scrub(finding.message))}"
         )
@@ -1041,6 +1092,8 @@ def plan(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> None:
     the project's env.py, which must support offline mode); nothing is
     executed. Seed steps are Python, so only their names are listed.
     """
+    from initgate import ops
+
     try:
         app_gate = _load_app(app)
         found = ops.read_plan(app_gate.gate)
@@ -1113,6 +1166,8 @@ def retry(
     again. Takes the init lock with a try-lock: if a holder is at work, says
     who and exits **3** without recording anything.
     """
+    from initgate import ops
+
     try:
         settings = _ledger_settings(database_url, namespace, schema)
         result = asyncio.run(ops.retry(settings))
@@ -1175,6 +1230,8 @@ def prune(
     each namespace, `running` runs, and the last run that recorded each seed
     step version (the gate reads it to skip that step).
     """
+    from initgate import ops
+
     try:
         age = parse_duration(older_than, "--older-than") if older_than else None
         settings = _ledger_settings(database_url, namespace, schema)
@@ -1223,17 +1280,19 @@ _COLUMNS = (
     "revisions",
     "steps",
 )
-_STATUS_STYLES = {
-    RunStatus.SUCCEEDED: "green",
-    RunStatus.FAILED: "red",
-    RunStatus.RUNNING: "yellow",
-    RunStatus.ABANDONED: "magenta",
-    RunStatus.RETRY: "cyan",
-}
 
 
 def print_runs(runs: Sequence[dict[str, Any]], *, title: str) -> None:
     """Print runs as a rich table on a terminal, as plain columns otherwise."""
+    from initgate.ledger import RunStatus
+
+    styles = {
+        RunStatus.SUCCEEDED: "green",
+        RunStatus.FAILED: "red",
+        RunStatus.RUNNING: "yellow",
+        RunStatus.ABANDONED: "magenta",
+        RunStatus.RETRY: "cyan",
+    }
     with_error = any(run.get("error") for run in runs)
     columns = [*_COLUMNS, "error"] if with_error else list(_COLUMNS)
     rows = [
@@ -1250,7 +1309,7 @@ def print_runs(runs: Sequence[dict[str, Any]], *, title: str) -> None:
         table.add_column(name, justify=justify, overflow="fold")
     for run, cells in zip(runs, rows, strict=True):
         texts = [Text(cell) for cell in cells]
-        texts[1].stylize(_STATUS_STYLES.get(RunStatus(run["status"]), ""))
+        texts[1].stylize(styles.get(RunStatus(run["status"]), ""))
         table.add_row(*texts)
     out.print(table)
 
@@ -1267,6 +1326,8 @@ def _print_plain(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def _run_cells(run: dict[str, Any], with_error: bool, arrow: str) -> list[str]:
+    from initgate.ledger import RunStatus
+
     started: dt.datetime = run["started_at"]
     finished: dt.datetime | None = run["finished_at"]
     if finished is None:
@@ -1291,6 +1352,8 @@ def _run_cells(run: dict[str, Any], with_error: bool, arrow: str) -> list[str]:
 
 
 def _describe_steps(steps: Sequence[dict[str, Any]]) -> str:
+    from initgate.ledger import StepKind
+
     migrations = sum(1 for step in steps if step["kind"] == StepKind.MIGRATION)
     seeds = sum(1 for step in steps if step["kind"] == StepKind.SEED)
     failed = sum(1 for step in steps if step["status"] == "failed")
@@ -1349,6 +1412,9 @@ def demo(
     worker passed the gate, makes one request, and serves until Ctrl-C.
     Run it from a checkout of initgate (the directory with `alembic.ini`).
     """
+    from initgate import demo as demo_service
+    from initgate.settings import Settings
+
     if database_url:
         _given_urls.append(database_url)
     stack = contextlib.ExitStack()
@@ -1433,6 +1499,10 @@ def _status(message: str, *, quiet: bool = False) -> Iterator[Any]:
 
 
 def _start_embedded(stack: contextlib.ExitStack, data_dir: Path) -> str:
+    import asyncpg
+
+    from initgate import demo as demo_service
+
     postgres = demo_service.EmbeddedPostgres(data_dir)
     started = time.monotonic()
     with _status(f"Starting PostgreSQL in {_show_path(postgres.pgdata)}"):
@@ -1484,6 +1554,9 @@ def _explain(
     boot: demo_service.Boot, new_runs: Sequence[dict[str, Any]], workers: int
 ) -> str:
     """One sentence: who ran init, who waited, who found it done."""
+    from initgate.gate import Outcome
+    from initgate.ledger import RunStatus
+
     holders = [run for run in new_runs if run["status"] == RunStatus.SUCCEEDED]
     waited = boot.count(Outcome.WAITED)
     up_to_date = boot.count(Outcome.UP_TO_DATE)
@@ -1515,6 +1588,8 @@ def _explain(
 
 
 def _describe_run_steps(run: dict[str, Any]) -> str:
+    from initgate.ledger import StepKind
+
     kinds = [step["kind"] for step in run["steps"] if step["status"] == "succeeded"]
     return (
         f"run {run['id']}: {_plural(kinds.count(StepKind.MIGRATION), 'revision')}, "

@@ -22,6 +22,8 @@ import asyncpg
 import pycountry
 import pytest
 
+from initgate.cli import RunStatusChoice
+from initgate.ledger import RunStatus
 from initgate.lock import LockKey
 from tests.helpers import REPO_ROOT, DatabaseAdmin, free_port
 
@@ -256,7 +258,40 @@ def test_run_help_documents_every_exit_code() -> None:
         assert re.search(rf"\b{code}\b", result.stdout.split("Exit codes")[1])
 
 
+def test_help_imports_neither_the_database_stack_nor_the_web_stack() -> None:
+    # The libraries that cost a process over a second of CPU before it has
+    # done anything: only the commands that talk to the database load them.
+    # (pydantic is not among them: typer itself imports it.)
+    heavy = ["alembic", "asyncpg", "fastapi", "httpx", "sqlalchemy"]
+    script = (
+        "import sys\n"
+        "from initgate.cli import main\n"
+        "try:\n"
+        "    main(['status', '--help'])\n"
+        "except SystemExit:\n"
+        f"    print([name for name in {heavy!r} if name in sys.modules])\n"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
 # -- initgate history ---------------------------------------------------------
+
+
+def test_history_status_choices_are_the_run_statuses() -> None:
+    assert [choice.value for choice in RunStatusChoice] == [
+        status.value for status in RunStatus
+    ]
 
 
 async def test_history_json_lists_the_run_with_its_steps(database_url: str) -> None:
