@@ -19,7 +19,7 @@ import enum
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -32,10 +32,15 @@ from initgate.errors import (
     DatabaseUnavailableError,
     LockHeldError,
 )
-from initgate.gate import Gate
-from initgate.migrate import Migrations, PendingRevision
 from initgate.seeds import SeedRegistry
 from initgate.settings import Settings
+
+# The gate and Alembic are imported by the functions that use them: history,
+# show and prune (through cli) need neither, and Alembic alone is about half a
+# second of CPU in every such process.
+if TYPE_CHECKING:
+    from initgate.gate import Gate
+    from initgate.migrate import Migrations, PendingRevision
 
 __all__ = [
     "CheckLevel",
@@ -514,6 +519,8 @@ def _check_alembic(settings: Settings, findings: list[Finding]) -> Migrations | 
             )
         )
         return None
+    from initgate.migrate import Migrations
+
     try:
         migrations = Migrations(settings.alembic_config)
         revisions = list(migrations.script.walk_revisions())
@@ -802,6 +809,8 @@ async def retry(settings: Settings) -> RetryResult:
         ConfigurationError: Settings, credentials, or ledger privileges.
         DatabaseUnavailableError: No connection within a few seconds.
     """
+    from initgate.gate import Gate
+
     # Named like a gate session, so that status shows it as the holder.
     gate = Gate(settings.model_copy(update={"alembic_config": None}), SeedRegistry())
     conn = await connection.connect(
