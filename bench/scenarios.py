@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import postgres, workload
+from bench.connections import pid_of
 from bench.herd import Barrier, Herd
-from bench.proxy import RoundTripProxy
 from bench.strategies import FLOORS, Strategy, by_name
 from bench.trial import Trial, run_trial
 from bench.worker import WorkerSpec
+from harness.proxy import ProxiedConnection, RoundTripProxy
 
 __all__ = ["Plan", "baseline", "cold", "rolling", "warm"]
 
@@ -242,8 +243,6 @@ def warm(server: postgres.Server, plan: Plan, say: Progress) -> list[dict[str, A
     first) and with the cache deleted before each boot (the first boot of a
     new image), which makes it load the Alembic script directory.
     """
-    unix_socket, host, port = postgres.socket_or_address(server.admin_url)
-    user = postgres.user_of(server.admin_url)
     chosen = [
         s for s in plan.strategies if plan.warm_only is None or s.name in plan.warm_only
     ]
@@ -254,10 +253,10 @@ def warm(server: postgres.Server, plan: Plan, say: Progress) -> list[dict[str, A
         index = next(i for i, v in enumerate(variants) if v[0].name == "initgate")
         variants.insert(index + 1, (by_name("initgate"), "no heads cache"))
     records = []
-    with RoundTripProxy(unix_socket, host, port) as proxy:
+    with RoundTripProxy(server.admin_url) as proxy:
         for strategy, variant in variants:
             with postgres.fresh_database(server, f"warm_{strategy.name}") as url:
-                record = _warm_one(server, plan, strategy, variant, url, proxy, user)
+                record = _warm_one(server, plan, strategy, variant, url, proxy)
             records.append(record)
             label = f"{strategy.name} ({variant})" if variant else strategy.name
             say(
@@ -275,7 +274,6 @@ def _warm_one(
     variant: str,
     url: str,
     proxy: RoundTripProxy,
-    user: str,
 ) -> dict[str, Any]:
     project = _project(plan, strategy.name, plan.workload)
     floor = strategy in FLOORS
@@ -290,12 +288,16 @@ def _warm_one(
 
     singles: list[float] = []
     counted: dict[str, Any] = {}
+    earlier = 0
     for rep in range(plan.warm_reps):
         if variant:
             cache.unlink(missing_ok=True)
         counting = rep == 0
         if counting:
             proxy.reset()
+            # A connection of an earlier trial may still be closing: only
+            # those accepted from here on are this boot's.
+            earlier = len(proxy.connections)
         record = _trial(
             server,
             plan,
@@ -305,13 +307,13 @@ def _warm_one(
             url,
             project,
             plan.workload,
-            worker_url=proxy.url_for(database, user) if counting else None,
+            worker_url=proxy.url_for(database) if counting else None,
         )
         if record["ready"] != 1:
             counted = counted or {"error": record["errors"]}
             continue
         if counting:
-            per_worker = list(proxy.by_worker().values())
+            per_worker = _by_worker(proxy.connections[earlier:])
             counted = per_worker[0] if per_worker else {}
         # Through the proxy every round trip pays a Python hop; time only
         # the direct boots when there are any.
@@ -447,6 +449,27 @@ def _rolling_one(
     }
     shutil.rmtree(scratch, ignore_errors=True)
     return record
+
+
+def _by_worker(connections: list[ProxiedConnection]) -> list[dict[str, Any]]:
+    """Connections, round trips and queries of each worker pid, first seen first.
+
+    A round trip is any wait for the server, Flush included (asyncpg's first
+    use of a statement costs two); queries are cut to 80 characters for the
+    report. Connections that name no worker (cancel requests) are left out.
+    """
+    found: dict[int, dict[str, Any]] = {}
+    for conn in connections:
+        pid = pid_of(conn.application_name or "")
+        if pid is None:
+            continue
+        worker = found.setdefault(
+            pid, {"connections": 0, "round_trips": 0, "queries": []}
+        )
+        worker["connections"] += 1
+        worker["round_trips"] += conn.network_round_trips
+        worker["queries"].extend(query[:80] for query in conn.queries)
+    return list(found.values())
 
 
 def _median(values: list[float]) -> float | None:

@@ -1,16 +1,16 @@
-"""Helpers shared by the test suite: URLs, a counting proxy, processes, servers.
+"""Helpers shared by the test suite: SQL, processes, servers, a counting proxy.
 
-Nothing here knows about initgate itself. The fixtures in ``conftest.py`` wrap
+The round-trip proxy, the DDL log's SQL and the URL helpers come from
+:mod:`harness`, which the bench uses too; they are re-exported here so that
+tests find every helper in one place. Nothing here knows about initgate
+itself. The fixtures in ``conftest.py`` wrap
 these helpers so that tests get cleanup for free; tests may also use them
 directly when a fixture's lifetime does not fit.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
-import copy
 import dataclasses
 import datetime
 import os
@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,16 +29,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import (
-    SplitResult,
-    parse_qsl,
-    quote,
-    unquote,
-    urlsplit,
-    urlunsplit,
-)
 
 import asyncpg
+
+from harness import ddl_log
+from harness.proxy import ProxiedConnection, RoundTripProxy
+from harness.urls import Upstream, with_database
 
 __all__ = [
     "MAX_SOCKET_DIR_LENGTH",
@@ -91,59 +86,6 @@ def short_temp_dir(prefix: str) -> Path:
     temporary paths are often too long for a socket path.
     """
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-# --- URLs -----------------------------------------------------------------
-
-
-def with_database(url: str, database: str) -> str:
-    """Return ``url`` pointing at ``database``, as a plain ``postgresql://`` URL.
-
-    A driver suffix (``postgresql+asyncpg``) is dropped, an empty password is
-    left out, and the query (for example ``host=/socket/dir``) is kept.
-    """
-    parts = urlsplit(url)
-    return urlunsplit(
-        ("postgresql", _netloc(parts), "/" + quote(database), parts.query, "")
-    )
-
-
-def _netloc(parts: SplitResult) -> str:
-    credentials = ""
-    if parts.username:
-        credentials = quote(unquote(parts.username), safe="")
-        if parts.password:
-            credentials += ":" + quote(unquote(parts.password), safe="")
-        credentials += "@"
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{credentials}{host}{port}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Upstream:
-    """Where a PostgreSQL server listens, and who to log in as."""
-
-    user: str
-    password: str | None
-    unix_socket: str | None
-    host: str | None
-    port: int
-
-    @classmethod
-    def from_url(cls, url: str) -> Upstream:
-        """Read the address from a libpq-style URL (``?host=`` wins over netloc)."""
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        host = query.get("host") or parts.hostname or "localhost"
-        port = int(query.get("port") or parts.port or 5432)
-        user = unquote(parts.username or query.get("user") or "postgres")
-        password = unquote(parts.password) if parts.password else None
-        if host.startswith("/"):
-            return cls(user, password, f"{host}/.s.PGSQL.{port}", None, port)
-        return cls(user, password, None, host, port)
 
 
 # --- SQL against one database ---------------------------------------------
@@ -200,45 +142,6 @@ class DatabaseAdmin:
 
 DDL_LOG_TABLE = "test_ddl_log"
 
-# The trigger function names its table with the schema so that code under
-# test which changes search_path still logs into the same place. Rows are
-# written inside the transaction of the DDL itself, so DDL that is rolled
-# back leaves no row: the log holds applied DDL only.
-_DDL_LOG_SETUP = f"""
-CREATE TABLE public.{DDL_LOG_TABLE} (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    command_tag text NOT NULL,
-    object_type text,
-    object_identity text,
-    backend_pid integer NOT NULL,
-    logged_at timestamptz NOT NULL
-);
-
-CREATE FUNCTION public.{DDL_LOG_TABLE}_record() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    command record;
-BEGIN
-    FOR command IN SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands() LOOP
-        IF command.object_identity IS DISTINCT FROM 'public.{DDL_LOG_TABLE}' THEN
-            INSERT INTO public.{DDL_LOG_TABLE}
-                (command_tag, object_type, object_identity, backend_pid, logged_at)
-            VALUES (
-                command.command_tag,
-                command.object_type,
-                command.object_identity,
-                pg_catalog.pg_backend_pid(),
-                pg_catalog.clock_timestamp()
-            );
-        END IF;
-    END LOOP;
-END
-$$;
-
-CREATE EVENT TRIGGER {DDL_LOG_TABLE}_trigger ON ddl_command_end
-    EXECUTE FUNCTION public.{DDL_LOG_TABLE}_record();
-"""
-
 
 @dataclasses.dataclass(frozen=True)
 class DdlEntry:
@@ -267,7 +170,7 @@ class DdlLog:
         Raises:
             asyncpg.InsufficientPrivilegeError: the role is not a superuser.
         """
-        await self.admin.execute(_DDL_LOG_SETUP)
+        await self.admin.execute(ddl_log.setup_sql(DDL_LOG_TABLE))
 
     async def entries(self) -> list[DdlEntry]:
         """Return every logged command, oldest first."""
@@ -294,312 +197,6 @@ class DdlLog:
             identity,
         )
         return count
-
-
-# --- Round-trip counting proxy ---------------------------------------------
-
-_SSL_REQUEST = 80877103
-_GSSENC_REQUEST = 80877104
-_CANCEL_REQUEST = 80877102
-
-
-@dataclasses.dataclass
-class ProxiedConnection:
-    """What one client connection sent through a :class:`RoundTripProxy`.
-
-    Attributes:
-        index: Order in which the proxy accepted the connection, from 0.
-        user: ``user`` from the startup packet.
-        database: ``database`` from the startup packet.
-        cancel: True for a CancelRequest connection (no session, no queries).
-        encryption_refused: SSLRequest/GSSENCRequest packets answered "N".
-        round_trips: Simple-query ('Q') plus Sync ('S') messages: each makes
-            the client wait for ReadyForQuery, so each costs one round trip.
-        flushes: Flush ('H') messages. asyncpg prepares a statement it has
-            not cached with Parse, Describe, Flush and waits for the answer
-            before it sends Bind, Execute, Sync, so a first execution costs
-            two network round trips while ``round_trips`` counts one. See
-            :attr:`network_round_trips`.
-        queries: SQL text of every 'Q' and 'P' (Parse) message, in order.
-        message_types: How many frontend messages of each type were seen.
-        closed: The client side has gone away.
-    """
-
-    index: int
-    user: str | None = None
-    database: str | None = None
-    cancel: bool = False
-    encryption_refused: int = 0
-    round_trips: int = 0
-    flushes: int = 0
-    queries: list[str] = dataclasses.field(default_factory=list)
-    message_types: collections.Counter[str] = dataclasses.field(
-        default_factory=collections.Counter
-    )
-    closed: bool = False
-
-    @property
-    def network_round_trips(self) -> int:
-        """Round trips plus flushes: every time a client such as asyncpg waits."""
-        return self.round_trips + self.flushes
-
-
-class RoundTripProxy:
-    """A TCP proxy on 127.0.0.1 that counts PostgreSQL round trips.
-
-    It forwards bytes unchanged in both directions and reads a copy of the
-    frontend stream (PostgreSQL protocol v3) to count, per client
-    connection, the messages that make the client wait for the server.
-
-    The proxy answers SSLRequest and GSSENCRequest with "N" itself instead
-    of forwarding them, so the stream it reads is always plaintext, whatever
-    the upstream server supports. Clients that insist on encryption fail.
-
-    It runs its own event loop in a daemon thread, so it keeps forwarding
-    while the test blocks, and serves subprocesses as well as the test.
-
-    Example::
-
-        with RoundTripProxy(admin_url) as proxy:
-            conn = await asyncpg.connect(proxy.url_for("t_abc"))
-            ...
-            assert proxy.round_trips == 3
-    """
-
-    def __init__(self, upstream_url: str) -> None:
-        self.upstream = Upstream.from_url(upstream_url)
-        self.port: int | None = None
-        self._connections: list[ProxiedConnection] = []
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def __enter__(self) -> RoundTripProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        """Start listening on an ephemeral port; returns once it accepts."""
-        if self._loop is not None:
-            raise RuntimeError("RoundTripProxy.start() called twice")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="round-trip-proxy", daemon=True
-        )
-        self._thread.start()
-        started = asyncio.run_coroutine_threadsafe(self._listen(), self._loop)
-        self.port = started.result(timeout=10)
-
-    def stop(self) -> None:
-        """Close the listener and every proxied connection; idempotent."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
-        self._loop = self._thread = None
-
-    def url_for(self, database: str) -> str:
-        """Return a ``postgresql://`` URL that reaches ``database`` through here.
-
-        The URL carries no SSL option: asyncpg wants ``sslmode=disable`` in a
-        DSN (``ssl=disable`` there is sent to the server as a setting and
-        rejected), while SQLAlchemy's asyncpg dialect passes query items as
-        keyword arguments and wants ``ssl=disable``. Since the proxy refuses
-        encryption itself, either client works without the option.
-        """
-        if self.port is None:
-            raise RuntimeError("RoundTripProxy.url_for() called before start()")
-        credentials = quote(self.upstream.user, safe="")
-        if self.upstream.password:
-            credentials += ":" + quote(self.upstream.password, safe="")
-        return f"postgresql://{credentials}@127.0.0.1:{self.port}/{quote(database)}"
-
-    @property
-    def connections(self) -> list[ProxiedConnection]:
-        """A snapshot of every connection so far, cancel requests included."""
-        with self._lock:
-            return copy.deepcopy(self._connections)
-
-    @property
-    def sessions(self) -> list[ProxiedConnection]:
-        """A snapshot of the connections that opened a session (no cancels)."""
-        return [c for c in self.connections if not c.cancel]
-
-    @property
-    def round_trips(self) -> int:
-        """Round trips over all connections so far."""
-        return sum(c.round_trips for c in self.connections)
-
-    @property
-    def flushes(self) -> int:
-        """Flush messages over all connections so far."""
-        return sum(c.flushes for c in self.connections)
-
-    @property
-    def network_round_trips(self) -> int:
-        """Round trips plus flushes over all connections so far."""
-        return self.round_trips + self.flushes
-
-    @property
-    def queries(self) -> list[str]:
-        """SQL of all connections so far, connection by connection."""
-        return [q for c in self.connections for q in c.queries]
-
-    def reset(self) -> None:
-        """Forget what was counted; open connections count again from zero."""
-        with self._lock:
-            for conn in self._connections:
-                conn.round_trips = 0
-                conn.flushes = 0
-                conn.queries.clear()
-                conn.message_types.clear()
-            self._connections = [c for c in self._connections if not c.closed]
-
-    async def _listen(self) -> int:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        with self._lock:
-            record = ProxiedConnection(index=len(self._connections))
-            self._connections.append(record)
-        try:
-            await self._serve(record, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # Either side hanging up mid-message is normal at close.
-        finally:
-            with self._lock:
-                record.closed = True
-            writer.close()
-            self._tasks.discard(task)
-
-    async def _serve(
-        self,
-        record: ProxiedConnection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        startup = await self._read_startup(record, reader, writer)
-        if self.upstream.unix_socket is not None:
-            up_reader, up_writer = await asyncio.open_unix_connection(
-                self.upstream.unix_socket
-            )
-        else:
-            assert self.upstream.host is not None
-            up_reader, up_writer = await asyncio.open_connection(
-                self.upstream.host, self.upstream.port
-            )
-        try:
-            up_writer.write(startup)
-            pumps = [
-                asyncio.create_task(self._pump_frontend(record, reader, up_writer)),
-                asyncio.create_task(_pump(up_reader, writer)),
-            ]
-            try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for pump in pumps:
-                    pump.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
-        finally:
-            up_writer.close()
-
-    async def _read_startup(
-        self,
-        record: ProxiedConnection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> bytes:
-        # The first frontend message has no type byte: int32 length, then
-        # int32 code. Encryption requests are answered here and followed by
-        # another untyped message, so loop until a real startup or cancel.
-        while True:
-            header = await reader.readexactly(8)
-            length = int.from_bytes(header[:4], "big")
-            code = int.from_bytes(header[4:], "big")
-            body = await reader.readexactly(length - 8)
-            if code in (_SSL_REQUEST, _GSSENC_REQUEST):
-                writer.write(b"N")
-                await writer.drain()
-                with self._lock:
-                    record.encryption_refused += 1
-                continue
-            with self._lock:
-                if code == _CANCEL_REQUEST:
-                    record.cancel = True
-                else:
-                    fields = body.split(b"\0")
-                    params = dict(zip(fields[0::2], fields[1::2], strict=False))
-                    record.user = params.get(b"user", b"").decode() or None
-                    record.database = params.get(b"database", b"").decode() or None
-            return header + body
-
-    async def _pump_frontend(
-        self,
-        record: ProxiedConnection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        # Bytes are forwarded as soon as they arrive; the parser only reads a
-        # copy, so a message split across reads never delays the stream.
-        pending = bytearray()
-        while data := await reader.read(65536):
-            writer.write(data)
-            pending += data
-            self._parse_typed(record, pending)
-            await writer.drain()
-
-    def _parse_typed(self, record: ProxiedConnection, pending: bytearray) -> None:
-        while len(pending) >= 5:
-            length = int.from_bytes(pending[1:5], "big")
-            if len(pending) < 1 + length:
-                return
-            kind = chr(pending[0])
-            body = bytes(pending[5 : 1 + length])
-            del pending[: 1 + length]
-            with self._lock:
-                record.message_types[kind] += 1
-                if kind in ("Q", "S"):
-                    record.round_trips += 1
-                elif kind == "H":
-                    record.flushes += 1
-                if kind == "Q":
-                    record.queries.append(body.split(b"\0", 1)[0].decode())
-                elif kind == "P":
-                    # Parse: statement name, then query text, both NUL-ended.
-                    record.queries.append(body.split(b"\0", 2)[1].decode())
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
 
 
 # --- Racing Python processes -------------------------------------------------
