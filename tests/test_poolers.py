@@ -130,6 +130,12 @@ async def direct_ddl_log(direct_db: DatabaseAdmin) -> DdlLog:
     return log
 
 
+async def assert_nothing_written(db: DatabaseAdmin, ddl_log: DdlLog) -> None:
+    """No DDL reached the database, and the ledger was never created."""
+    assert await ddl_log.entries() == []
+    assert await db.fetchval("SELECT to_regclass('init_runs')") is None
+
+
 def demo_gate(database_url: str, **settings: object) -> tuple[InitGate, list[str]]:
     """A gate on the demo's migrations with one seed step that records its runs."""
     gate = InitGate(
@@ -180,8 +186,7 @@ async def test_transaction_pooling_is_refused_before_anything_is_written(
     assert "pool_mode=" in message
     assert "INITGATE_GATE_DATABASE_URL" in message
     assert ran == []
-    assert await direct_ddl_log.entries() == []
-    assert await direct_db.fetchval("SELECT to_regclass('init_runs')") is None
+    await assert_nothing_written(direct_db, direct_ddl_log)
     # The lock was given back: nothing still holds it in the pool's backends.
     key = gate.gate.key
     assert not await direct_db.fetchval(
@@ -222,8 +227,7 @@ async def test_every_worker_through_transaction_pooling_fails_clearly(
     )
     assert errors == {True: len(results)}, [r.stderr[-800:] for r in results]
     assert not trace.exists()
-    assert await direct_ddl_log.entries() == []
-    assert await direct_db.fetchval("SELECT to_regclass('init_runs')") is None
+    await assert_nothing_written(direct_db, direct_ddl_log)
 
 
 async def test_session_pooling_is_refused_unless_declared(
@@ -242,8 +246,7 @@ async def test_session_pooling_is_refused_unless_declared(
     assert "goes through a connection pooler" in message
     assert "INITGATE_ALLOW_SESSION_POOLER=true" in message
     assert ran == []
-    assert await direct_ddl_log.entries() == []
-    assert await direct_db.fetchval("SELECT to_regclass('init_runs')") is None
+    await assert_nothing_written(direct_db, direct_ddl_log)
 
 
 async def test_session_pooling_keeps_the_lock_and_records_the_real_backend(
@@ -312,16 +315,12 @@ async def test_session_pooling_inits_exactly_once_under_uvicorn_workers(
 ) -> None:
     bouncer = pgbouncer("session")
     trace = tmp_path / "seeds.trace"
-    server = run_uvicorn(
-        workers=4,
-        env={
-            "DATABASE_URL": bouncer.url_for(fresh_database),
-            "INITGATE_ALLOW_SESSION_POOLER": "true",
-            "APP_SEED_TRACE_FILE": str(trace),
-        },
+    server = serve_demo(
+        run_uvicorn,
+        trace,
+        DATABASE_URL=bouncer.url_for(fresh_database),
+        INITGATE_ALLOW_SESSION_POOLER="true",
     )
-    server.wait_until_ok("/health/ready", timeout=120)
-    wait_for_startups(server, 4)
     countries = json.loads(server.wait_until_ok("/countries"))
 
     assert countries
@@ -339,16 +338,12 @@ async def test_app_on_transaction_pooling_with_a_direct_gate_url(
 ) -> None:
     bouncer = pgbouncer("transaction")
     trace = tmp_path / "seeds.trace"
-    server = run_uvicorn(
-        workers=4,
-        env={
-            "DATABASE_URL": bouncer.url_for(fresh_database),
-            "INITGATE_GATE_DATABASE_URL": upstream.url(fresh_database),
-            "APP_SEED_TRACE_FILE": str(trace),
-        },
+    server = serve_demo(
+        run_uvicorn,
+        trace,
+        DATABASE_URL=bouncer.url_for(fresh_database),
+        INITGATE_GATE_DATABASE_URL=upstream.url(fresh_database),
     )
-    server.wait_until_ok("/health/ready", timeout=120)
-    wait_for_startups(server, 4)
 
     assert "Application startup failed" not in server.log()
     await assert_demo_initialised_once(direct_db, direct_ddl_log, trace)
@@ -357,6 +352,18 @@ async def test_app_on_transaction_pooling_with_a_direct_gate_url(
     # SQLAlchemy documents for asyncpg behind PgBouncer; a few requests do.)
     for _ in range(4):
         assert json.loads(server.wait_until_ok("/countries"))
+
+
+def serve_demo(run_uvicorn: StartUvicorn, trace: Path, **env: str) -> UvicornServer:
+    """The demo app under uvicorn with 4 workers; returns once every one started.
+
+    ``env`` is the workers' environment (``DATABASE_URL`` and the like); the
+    seed steps record their runs in ``trace``.
+    """
+    server = run_uvicorn(workers=4, env={**env, "APP_SEED_TRACE_FILE": str(trace)})
+    server.wait_until_ok("/health/ready", timeout=120)
+    wait_for_startups(server, 4)
+    return server
 
 
 def wait_for_startups(server: UvicornServer, count: int) -> None:
