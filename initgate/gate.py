@@ -6,12 +6,13 @@
     warm check, one round trip ─── up to date ──────────────► PASS
     loop
         try-lock; the first time, check that the session keeps
-            one backend ─── no: a transaction pooler ───────► FAIL
+            one backend ─── no: a pooler, unless declared ──► FAIL
         got the lock ──► HOLDER
         LISTEN (first time), then read the ledger
             init done ─────────────────────────────────────► PASS
             failed max_attempts times ────────────────────► FAIL FAST
         wait for NOTIFY or poll_interval; past wait_timeout ► TIMEOUT
+        woken by NOTIFY: read the ledger as above, then loop
     HOLDER
         warm check again ─── up to date ──────────────────► PASS
         ensure ledger tables; mark dead runs abandoned
@@ -33,6 +34,7 @@ import enum
 import hashlib
 import logging
 import os
+import random
 import socket
 import time
 import traceback
@@ -343,7 +345,7 @@ class Gate:
 
         session: pooler.SessionCheck | None = None
         while True:
-            if woken and await ledger.is_warm(conn, warm_sql):
+            if woken and await self._init_is_done(conn, target, warm_sql):
                 # Woken by the holder's NOTIFY: its run is committed, so one
                 # query passes; trying the lock first would cost every
                 # waiter a round trip and send one through the holder path.
@@ -357,6 +359,7 @@ class Gate:
             if got:
                 waited = _ms_since(wait_started) if listening else 0.0
                 return await self._hold(conn, started, target, warm_sql, waited)
+            self.phase = Phase.WAITING
             if not listening:
                 # LISTEN runs outside a transaction here, so it is in effect
                 # as soon as it returns; the ledger read below then catches a
@@ -371,28 +374,29 @@ class Gate:
                     self.key,
                     self.namespace,
                 )
-            self.phase = Phase.WAITING
-            if await ledger.is_warm(conn, warm_sql):
-                return self._waited(started, target, wait_started)
-            state = await ledger.read_state(
-                conn, settings.ledger_schema, self.namespace, target
-            )
-            self._fail_fast(state)
+                if await self._init_is_done(conn, target, warm_sql):
+                    return self._waited(started, target, wait_started)
 
             now = time.monotonic()
             if now >= deadline:
-                raise WaitTimeoutError(await self._timeout_message(conn, state))
+                raise WaitTimeoutError(await self._timeout_message(conn, target))
             if now >= next_warning:
                 logger.warning(
                     "still waiting for init of %r after %.0f s: %s; it gives "
                     "up after INITGATE_WAIT_TIMEOUT=%g s",
                     self.namespace,
                     now - wait_started,
-                    await self._describe_holder(conn, state),
+                    await self._describe_holder(conn, target),
                     settings.wait_timeout,
                 )
                 next_warning = now + settings.long_wait_warning
-            woken = await conn.idle(min(settings.poll_interval, deadline - now))
+            # Between NOTIFYs a waiter only tries the lock: the holder sends
+            # one when its run ends, failed or not, and one that went
+            # unheard costs no more than a pass through the holder path,
+            # which reads the ledger itself. The jitter keeps a herd that
+            # started together from polling together.
+            poll = settings.poll_interval * random.uniform(0.5, 1.0)
+            woken = await conn.idle(min(poll, deadline - now))
 
     def _waited(self, started: float, target: str, wait_started: float) -> GateResult:
         waited = _ms_since(wait_started)
@@ -403,6 +407,21 @@ class Gate:
         )
         return GateResult(Outcome.WAITED, target, _ms_since(started), waited_ms=waited)
 
+    async def _init_is_done(self, conn: Session, target: str, warm_sql: str) -> bool:
+        """Whether init reached the target; raise FailFastError if it keeps failing.
+
+        Two queries when init is not done: the warm check, the failure count.
+        """
+        if await ledger.is_warm(conn, warm_sql):
+            return True
+        self._fail_fast(await self._read_state(conn, target))
+        return False
+
+    async def _read_state(self, conn: Session, target: str) -> ledger.GateState:
+        return await ledger.read_state(
+            conn, self.settings.ledger_schema, self.namespace, target
+        )
+
     def _fail_fast(self, state: ledger.GateState) -> None:
         if state.failures >= self.settings.max_attempts:
             raise FailFastError(
@@ -412,7 +431,8 @@ class Gate:
                 run_id=state.last_failed_id,
             )
 
-    async def _describe_holder(self, conn: Session, state: ledger.GateState) -> str:
+    async def _describe_holder(self, conn: Session, target: str) -> str:
+        state = await self._read_state(conn, target)
         holder = await lock.find_holder(conn, self.key)
         running = state.running
         if running is not None:
@@ -427,11 +447,11 @@ class Gate:
             return f"held by {holder.describe()}"
         return "the lock is free now"
 
-    async def _timeout_message(self, conn: Session, state: ledger.GateState) -> str:
+    async def _timeout_message(self, conn: Session, target: str) -> str:
         return (
             f"waited {self.settings.wait_timeout:g} s for the init lock "
             f"{self.key} of {self.namespace!r}: "
-            f"{await self._describe_holder(conn, state)}; raise "
+            f"{await self._describe_holder(conn, target)}; raise "
             "INITGATE_WAIT_TIMEOUT or look at that worker"
         )
 
@@ -461,11 +481,7 @@ class Gate:
                 return GateResult(
                     Outcome.WAITED, target, _ms_since(started), waited_ms=waited_ms
                 )
-            self._fail_fast(
-                await ledger.read_state(
-                    conn, self.settings.ledger_schema, self.namespace, target
-                )
-            )
+            self._fail_fast(await self._read_state(conn, target))
             if self.migrations is not None:
                 ahead = self.migrations.unknown(
                     await ledger.read_revisions(conn, self.settings.version_table)
