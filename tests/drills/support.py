@@ -17,7 +17,8 @@ from typing import Any
 import asyncpg
 
 from initgate.lock import CLASSID
-from tests.helpers import DatabaseAdmin, DdlLog, with_database
+from tests.drills.servers import DRILL_ROLE, DrillPostgres
+from tests.helpers import DatabaseAdmin, DdlLog, Herd, with_database
 from tests.project import Project, Revision
 
 __all__ = [
@@ -27,9 +28,11 @@ __all__ = [
     "DrillResults",
     "Events",
     "agent_env",
+    "agent_reports",
     "drill_project",
     "fresh_database",
     "lock_holders",
+    "role_database",
     "round_rounds",
     "seed_executions",
     "summary",
@@ -111,6 +114,19 @@ def agent_env(
     return env
 
 
+def agent_reports(herd: Herd, timeout: float) -> list[dict[str, Any]]:
+    """Wait for every agent of ``herd``; the JSON report each printed last.
+
+    Fails the test, showing the process, if an agent printed nothing.
+    """
+    reports = []
+    for result in herd.wait_all(timeout=timeout):
+        lines = result.stdout.strip().splitlines()
+        assert lines, result.describe()
+        reports.append(json.loads(lines[-1]))
+    return reports
+
+
 def seed_executions(trace: Path) -> Counter[str]:
     """How often each seed body ran (committed or not), from the trace file."""
     if not trace.exists():
@@ -119,6 +135,17 @@ def seed_executions(trace: Path) -> Counter[str]:
 
 
 # -- databases and the lock ---------------------------------------------------
+
+
+async def role_database(server: DrillPostgres) -> tuple[str, str]:
+    """Create the drill role and a fresh database it owns.
+
+    Returns:
+        The database's name, and the URL that logs in to it as the role.
+    """
+    await server.create_role()
+    name = await fresh_database(server.admin_url, owner=DRILL_ROLE)
+    return name, server.role_url(name)
 
 
 async def fresh_database(admin_url: str, *, owner: str | None = None) -> str:

@@ -35,6 +35,7 @@ from tests.drills.support import (
     DrillResults,
     Events,
     agent_env,
+    agent_reports,
     drill_project,
     drop_database,
     fresh_database,
@@ -43,7 +44,7 @@ from tests.drills.support import (
     seed_executions,
     wait_for,
 )
-from tests.helpers import DatabaseAdmin, DdlLog, Herd, RoundTripProxy, with_database
+from tests.helpers import DatabaseAdmin, DdlLog, RoundTripProxy, with_database
 from tests.project import Project
 
 pytestmark = pytest.mark.slow
@@ -59,17 +60,6 @@ PHASES = {
     "in_seed": "in_seed:last",
     "before_succeeded": "before_succeeded",
 }
-
-
-def _results(herd: Herd, timeout: float) -> list[dict[str, Any]]:
-    import json
-
-    reports = []
-    for result in herd.wait_all(timeout=timeout):
-        lines = result.stdout.strip().splitlines()
-        assert lines, result.describe()
-        reports.append(json.loads(lines[-1]))
-    return reports
 
 
 class Drill:
@@ -286,7 +276,7 @@ async def test_sigkilled_holder_is_taken_over_without_running_anything_twice(
             freed = await asyncio.wait_for(
                 drill.watch_lock_freed(backend, killed_at), 30
             )
-            reports = _results(drill.waiters, timeout=60)
+            reports = agent_reports(drill.waiters, timeout=60)
             figures = await drill.ledger_checks()
         finally:
             await drill.teardown()
@@ -349,8 +339,8 @@ async def test_terminated_backend_holder_fails_cleanly_and_writes_nothing_more(
 
         await drill.db.fetchval("SELECT pg_terminate_backend($1)", backend)
         terminated_at = time.time()
-        [holder] = _results(drill.holder, timeout=60)
-        reports = _results(drill.waiters, timeout=60)
+        [holder] = agent_reports(drill.holder, timeout=60)
+        reports = agent_reports(drill.waiters, timeout=60)
         figures = await drill.ledger_checks()
         later_ddl = await drill.db.fetchval(
             "SELECT count(*) FROM test_ddl_log WHERE backend_pid = $1", backend
@@ -421,10 +411,10 @@ async def test_frozen_holder_makes_waiters_time_out_naming_it_then_completes(
         os.killpg(holder_pid, signal.SIGSTOP)
         stopped_at = time.time()
         drill.waiters.release()
-        reports = _results(drill.waiters, timeout=60)
+        reports = agent_reports(drill.waiters, timeout=60)
         frozen_for = time.time() - stopped_at
         os.killpg(holder_pid, signal.SIGCONT)
-        [holder] = _results(drill.holder, timeout=60)
+        [holder] = agent_reports(drill.holder, timeout=60)
         late = spawn_python(
             AGENT,
             n=1,
@@ -432,7 +422,7 @@ async def test_frozen_holder_makes_waiters_time_out_naming_it_then_completes(
             preload=PRELOAD,
         )
         late.release()
-        [after] = _results(late, timeout=60)
+        [after] = agent_reports(late, timeout=60)
         figures = await drill.ledger_checks()
     finally:
         await drill.teardown()

@@ -35,7 +35,7 @@ import pytest
 
 from tests.conftest import SpawnPython
 from tests.drills.conftest import SecretScan
-from tests.drills.servers import CANARY, DRILL_ROLE, DrillPostgres, drill_postgres
+from tests.drills.servers import CANARY, DrillPostgres, drill_postgres
 from tests.drills.support import (
     AGENT,
     PRELOAD,
@@ -43,8 +43,8 @@ from tests.drills.support import (
     Events,
     agent_env,
     drill_project,
-    fresh_database,
     lock_holders,
+    role_database,
     wait_for,
 )
 from tests.helpers import DatabaseAdmin
@@ -139,11 +139,9 @@ async def test_holder_cut_off_mid_migration_frees_the_lock_within_the_keepalive_
     secret_scan: SecretScan,
 ) -> None:
     secret_scan.add_path(tmp_path)
-    await server.create_role()
-    name = await fresh_database(server.admin_url, owner=DRILL_ROLE)
+    name, local_url = await role_database(server)
     db = DatabaseAdmin(server.admin_url_for(name))
     project = drill_project(tmp_path / "p")
-    local_url = server.role_url(name)
     remote_url = local_url.replace("@127.0.0.1:", f"@{namespace.host_addr}:")
     assert CANARY not in remote_url  # quoted, as in any real URL
     holder_events = Events(tmp_path / "holder.events")

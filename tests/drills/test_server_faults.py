@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,12 +26,13 @@ from tests.drills.support import (
     DrillResults,
     Events,
     agent_env,
+    agent_reports,
     drill_project,
-    fresh_database,
+    role_database,
     summary,
     wait_for,
 )
-from tests.helpers import DatabaseAdmin, Herd
+from tests.helpers import DatabaseAdmin
 
 pytestmark = pytest.mark.slow
 
@@ -43,23 +43,8 @@ def server() -> Iterator[DrillPostgres]:
         yield started
 
 
-def _reports(herd: Herd, timeout: float) -> list[dict[str, Any]]:
-    reports = []
-    for result in herd.wait_all(timeout=timeout):
-        lines = result.stdout.strip().splitlines()
-        assert lines, result.describe()
-        reports.append(json.loads(lines[-1]))
-    return reports
-
-
 def _retries(events: Events) -> list[str]:
     return [e["msg"] for e in events.find("log", "not reachable yet")]
-
-
-async def _database(server: DrillPostgres) -> tuple[str, str]:
-    await server.create_role()
-    name = await fresh_database(server.admin_url, owner="drill")
-    return name, server.role_url(name)
 
 
 # Every session dies at the restart, the holder's included: workers enter
@@ -75,7 +60,7 @@ async def test_restart_while_16_workers_boot_ends_with_all_ready_and_one_init(
     secret_scan: SecretScan,
 ) -> None:
     secret_scan.add_path(tmp_path)
-    name, url = await _database(server)
+    name, url = await role_database(server)
     db = DatabaseAdmin(server.admin_url_for(name))
     events = Events(tmp_path / "workers.events")
     env = agent_env(
@@ -103,7 +88,7 @@ async def test_restart_while_16_workers_boot_ends_with_all_ready_and_one_init(
     await asyncio.sleep(1.0)  # Down for a moment: workers see refused connects.
     server.launch()
     up_at = time.time()
-    reports = _reports(herd, timeout=120)
+    reports = agent_reports(herd, timeout=120)
     statuses = [r["status"] for r in await db.fetch("SELECT status FROM init_runs")]
     seeded = Counter(r["name"] for r in await db.fetch("SELECT name FROM drill_seeded"))
     await secret_scan.add_ledger(server.admin_url_for(name))
@@ -141,7 +126,7 @@ async def test_workers_started_before_postgresql_wait_for_it_then_init_once(
 ) -> None:
     secret_scan.add_path(tmp_path)
     with drill_postgres() as server:
-        name, url = await _database(server)
+        name, url = await role_database(server)
         db = DatabaseAdmin(server.admin_url_for(name))
         await db.execute("CREATE TABLE resume (id int)")
         server.shutdown("fast")
@@ -155,7 +140,7 @@ async def test_workers_started_before_postgresql_wait_for_it_then_init_once(
         await asyncio.sleep(3.0)
         server.launch()
         up_at = time.time()
-        reports = _reports(herd, timeout=120)
+        reports = agent_reports(herd, timeout=120)
         statuses = [r["status"] for r in await db.fetch("SELECT status FROM init_runs")]
         await secret_scan.add_ledger(server.admin_url_for(name))
 
@@ -189,12 +174,12 @@ async def test_workers_give_up_after_the_connect_deadline_with_one_clear_line(
 ) -> None:
     secret_scan.add_path(tmp_path)
     with drill_postgres() as server:
-        _, url = await _database(server)
+        _, url = await role_database(server)
         server.shutdown("fast")
         env = agent_env(url, None, tmp_path, connect_timeout=2)
         herd = spawn_python(AGENT, n=4, env=env, preload=PRELOAD)
         herd.release()
-        reports = _reports(herd, timeout=60)
+        reports = agent_reports(herd, timeout=60)
         server.launch()  # So that stop() at the end finds it running.
 
     took = [r["failed"] - r["started"] for r in reports]
@@ -222,7 +207,7 @@ async def test_boot_storm_of_150_workers_beyond_max_connections_all_ready(
     storm_dir = tmp_path / "storm"
     storm_dir.mkdir()
     with drill_postgres(settings={"max_connections": "50"}) as server:
-        name, url = await _database(server)
+        name, url = await role_database(server)
         db = DatabaseAdmin(server.admin_url_for(name))
         await db.execute("CREATE TABLE resume (id int)")
         env = agent_env(
