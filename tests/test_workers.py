@@ -204,12 +204,12 @@ async def test_sigkilled_holder_mid_statement_is_taken_over_within_a_second_or_s
     project = Project(tmp_path / "p").add(LONG_MIGRATION)
     env = {"DATABASE_URL": database_url, "PROJECT_INI": str(project.ini)}
     holder = spawn_python(
-        PASS_PROJECT_GATE, n=1, env=env, preload=["initgate", "psycopg"]
+        PASS_PROJECT_GATE, n=1, env=env, preload=["initgate.lifespan", "psycopg"]
     )
     holder.release()
     await wait_for_query(db, "pg_sleep(CASE", timeout=60)
     waiters = spawn_python(
-        PASS_PROJECT_GATE, n=3, env=env, preload=["initgate", "psycopg"]
+        PASS_PROJECT_GATE, n=3, env=env, preload=["initgate.lifespan", "psycopg"]
     )
     waiters.release()
     time.sleep(1.0)  # The waiters are past their first try-lock by now.
@@ -266,7 +266,7 @@ async def test_create_index_concurrently_completes_while_16_workers_wait(
     )
     env = {"DATABASE_URL": database_url, "PROJECT_INI": str(project.ini)}
     herd = spawn_python(
-        PASS_PROJECT_GATE, n=16, env=env, preload=["initgate", "psycopg"]
+        PASS_PROJECT_GATE, n=16, env=env, preload=["initgate.lifespan", "psycopg"]
     )
     herd.release()
     results = herd.wait_all(timeout=120)

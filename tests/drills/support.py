@@ -41,7 +41,10 @@ __all__ = [
 AGENT = "from tests.drills.agent import main\nmain()\n"
 """Herd code for one gate run (see :mod:`tests.drills.agent`)."""
 
-PRELOAD = ["asyncpg", "initgate", "sqlalchemy.ext.asyncio", "alembic.command"]
+# initgate.lifespan rather than initgate: the package imports its modules on
+# first use, so preloading it alone would leave the heavy imports until after
+# the release, staggering a herd meant to start at one instant.
+PRELOAD = ["asyncpg", "initgate.lifespan", "sqlalchemy.ext.asyncio", "alembic.command"]
 """Imported before a herd is released, so that import time stays out of it."""
 
 SEEDS = ("first", "last")
