@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from initgate import InitGate, Settings
 
@@ -107,7 +108,7 @@ class Project:
 def make_gate(
     database_url: str,
     project: Project | Path | None,
-    **settings: object,
+    **settings: Any,
 ) -> InitGate:
     """An InitGate on ``database_url`` for ``project`` (None: seed steps only)."""
     if isinstance(project, Project):

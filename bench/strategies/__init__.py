@@ -72,6 +72,15 @@ STRATEGIES: tuple[Strategy, ...] = (
         distribution="initgate",
     ),
     Strategy(
+        "initgate_psycopg",
+        "initgate on psycopg",
+        "library",
+        "initgate, with psycopg 3 as the gate's driver instead of asyncpg",
+        "bench.strategies.initgate_psycopg",
+        requires=("psycopg",),
+        distribution="initgate",
+    ),
+    Strategy(
         "worker_id",
         'WORKER_ID == "1"',
         "re-implemented",

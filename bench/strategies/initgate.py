@@ -19,13 +19,14 @@ from initgate import InitGate, Settings
 __all__ = ["boot", "prepare"]
 
 
-def prepare(ctx: WorkerContext) -> None:
+def prepare(ctx: WorkerContext, driver: str = "asyncpg") -> None:
     """Build the gate and register the seed, as an app does at import time."""
     # Through a dict: the settings are validated at run time by pydantic,
     # whose keyword signature a type checker without its plugin misreads.
     settings: dict[str, Any] = {
         "database_url": ctx.database_url,
         "alembic_config": ctx.alembic_ini,
+        "driver": driver,
     }
     gate = InitGate(Settings(**settings))
 
