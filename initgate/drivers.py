@@ -108,7 +108,10 @@ class AsyncpgSession(asyncpg.Connection):  # type: ignore[misc]
         Returns True when one came, here or since the last call (asyncpg
         reads notifications while other queries run, too).
         """
-        woken: asyncio.Event = self._initgate_woken
+        woken: asyncio.Event | None = getattr(self, "_initgate_woken", None)
+        if woken is None:  # Not listening: nothing can wake it.
+            await asyncio.sleep(max(0.0, timeout))
+            return False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(woken.wait(), timeout=max(0.0, timeout))
         came = woken.is_set()
