@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime as dt
 import hashlib
@@ -9,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,7 @@ class Migrations:
         self.config_path = config_path
         self._script: ScriptDirectory | None = None
         self._heads: tuple[str, ...] | None = None
+        self._read_only_config: Config | None = None
 
     def config(self) -> Config:
         """A fresh Alembic Config; each upgrade gets its own attributes."""
@@ -139,12 +142,19 @@ class Migrations:
         """The script directory, loaded on first use."""
         if self._script is None:
             try:
-                self._script = ScriptDirectory.from_config(self.config())
+                self._script = ScriptDirectory.from_config(self._config_to_read())
             except CommandError as exc:
                 raise ConfigurationError(
                     f"alembic config {str(self.config_path)!r}: {exc}"
                 ) from None
         return self._script
+
+    def _config_to_read(self) -> Config:
+        # One parse of alembic.ini for the script directory and the heads;
+        # an upgrade gets a fresh Config of its own (it sets attributes).
+        if self._read_only_config is None:
+            self._read_only_config = self.config()
+        return self._read_only_config
 
     def heads(self) -> tuple[str, ...]:
         """The code's head revisions, sorted; cached on disk between processes.
@@ -154,6 +164,9 @@ class Migrations:
         the heads are kept in ``__pycache__/initgate-heads.json`` beside the
         revisions, keyed by the name, size and mtime of every revision file.
         A cache that cannot be written (read-only image) is simply skipped.
+        Without a cache they are read from the files' source, which imports
+        nothing; only a file that does not assign its ids as plain literals
+        makes the gate import the revisions, as Alembic does.
 
         Raises:
             ConfigurationError: A revision file does not load.
@@ -162,15 +175,20 @@ class Migrations:
             fingerprint, cache = self._fingerprint()
             cached = _read_cache(cache, fingerprint)
             if cached is None:
-                cached = self._load_heads()
+                cached = self._heads_from_source()
+                if cached is None:
+                    cached = self._load_heads()
                 _write_cache(cache, fingerprint, cached)
             self._heads = cached
         return self._heads
 
+    def _version_locations(self) -> list[Path]:
+        configured = self._config_to_read().get_version_locations_list()
+        return [Path(p) for p in configured or [self.script.versions]]
+
     def _fingerprint(self) -> tuple[str, Path]:
         digest = hashlib.sha256(str(self.config_path.resolve()).encode())
-        configured = self.config().get_version_locations_list()
-        locations = [Path(p) for p in configured or [self.script.versions]]
+        locations = self._version_locations()
         for location in locations:
             digest.update(b"\0dir\0" + str(location.resolve()).encode())
             files = sorted(location.rglob("*.py")) if location.is_dir() else []
@@ -184,6 +202,35 @@ class Migrations:
                 digest.update(b"\0" + entry.encode())
         cache = (locations[0] if locations else Path(self.script.dir)) / "__pycache__"
         return digest.hexdigest(), cache / "initgate-heads.json"
+
+    def _heads_from_source(self) -> tuple[str, ...] | None:
+        """The heads as Alembic finds them, from the files' text, importing none.
+
+        A head is a revision that no other names as its ``down_revision``
+        (``depends_on`` does not count, as in Alembic). Returns None, for the
+        caller to import the revisions instead, when a file does not assign
+        ``revision`` and ``down_revision`` plain literals at its top level,
+        when two files claim one id, or in Alembic's sourceless mode.
+        """
+        script = self.script
+        if getattr(script, "sourceless", False):
+            return None
+        recursive = getattr(script, "recursive_version_locations", False)
+        revisions: set[str] = set()
+        down: set[str] = set()
+        for location in self._version_locations():
+            if not location.is_dir():
+                continue
+            files = location.rglob("*.py") if recursive else location.glob("*.py")
+            for path in sorted(files):
+                if "__pycache__" in path.parts or not _REVISION_FILE.match(path.name):
+                    continue
+                ids = _literal_ids(path)
+                if ids is None or ids[0] in revisions:
+                    return None
+                revisions.add(ids[0])
+                down.update(ids[1])
+        return tuple(sorted(revisions - down))
 
     def _load_heads(self) -> tuple[str, ...]:
         try:
@@ -366,6 +413,51 @@ class Migrations:
         except Exception as exc:
             raise UpgradeFailedError(report) from exc
         return report
+
+
+# The files Alembic takes for revisions (not __init__, not editor locks).
+_REVISION_FILE = re.compile(r"(?!\.\#|__init__)(.*\.py)$")
+
+_UNSET = object()
+
+
+def _literal_ids(path: Path) -> tuple[str, tuple[str, ...]] | None:
+    """``revision`` and ``down_revision`` of a revision file, read with ast.
+
+    None when the file does not parse or does not assign both as literals
+    at its top level (a string; None, a string or a tuple of strings).
+    """
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    values: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id in (
+            "revision",
+            "down_revision",
+        ):
+            try:
+                values[target.id] = ast.literal_eval(value)
+            except (ValueError, TypeError, SyntaxError, RecursionError):
+                return None  # Not a literal: only importing tells.
+    revision = values.get("revision")
+    down = values.get("down_revision", _UNSET)
+    if not isinstance(revision, str) or down is _UNSET:
+        return None
+    if down is None:
+        return revision, ()
+    if isinstance(down, str):
+        return revision, (down,)
+    if isinstance(down, tuple | list) and all(isinstance(d, str) for d in down):
+        return revision, tuple(down)
+    return None
 
 
 def _read_cache(path: Path, fingerprint: str) -> tuple[str, ...] | None:

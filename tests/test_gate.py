@@ -496,27 +496,41 @@ async def test_lifespan_composes_with_the_apps_own(
     assert order == ["own starts after gate: True", "own stops"]
 
 
-def test_heads_are_cached_and_the_cache_follows_file_changes(tmp_path: Path) -> None:
+def logs_its_import(project: Project, revision: str, log: Path) -> None:
+    """Make a revision file append a line to ``log`` whenever it is imported."""
+    path = project.versions / f"{revision}.py"
+    path.write_text(
+        f"open({str(log)!r}, 'a').write('imported\\n')\n" + path.read_text()
+    )
+
+
+def test_heads_are_read_from_source_then_cached_and_follow_file_changes(
+    tmp_path: Path,
+) -> None:
     imports = tmp_path / "imports.log"
-    project = Project(tmp_path / "p").add(
-        Revision(
-            "r1",
-            "pass",
-            doc="logs its import",
-        )
-    )
-    revision_file = project.versions / "r1.py"
-    revision_file.write_text(
-        f"open({str(imports)!r}, 'a').write('imported\\n')\n"
-        + revision_file.read_text()
-    )
+    project = Project(tmp_path / "p").add(Revision("r1", "pass"))
+    logs_its_import(project, "r1", imports)
+
+    assert Migrations(project.ini).heads() == ("r1",)
+    assert (project.versions / "__pycache__" / "initgate-heads.json").exists()
+    assert Migrations(project.ini).heads() == ("r1",)
+    project.add(Revision.sql("r2", "SELECT 1"))
+    assert Migrations(project.ini).heads() == ("r2",)
+    assert not imports.exists(), "the heads took importing a revision file"
+
+
+def test_revisions_without_literal_ids_are_imported_once_then_cached(
+    tmp_path: Path,
+) -> None:
+    imports = tmp_path / "imports.log"
+    project = Project(tmp_path / "p").add(Revision("r1", "pass"))
+    path = project.versions / "r1.py"
+    path.write_text(path.read_text().replace("revision = 'r1'", "revision = 'r' + '1'"))
+    logs_its_import(project, "r1", imports)
 
     assert Migrations(project.ini).heads() == ("r1",)
     assert Migrations(project.ini).heads() == ("r1",)
     assert imports.read_text().count("imported") == 1
-
-    project.add(Revision.sql("r2", "SELECT 1"))
-    assert Migrations(project.ini).heads() == ("r2",)
 
 
 async def test_revision_committed_by_a_dead_holder_keeps_its_step_row(

@@ -6,13 +6,16 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from initgate import Outcome
 from initgate.lifespan import InitGate
+from initgate.migrate import Migrations
 from initgate.settings import Settings
 from tests.helpers import REPO_ROOT, DatabaseAdmin, DdlLog
+from tests.project import Project
 
 
 def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -74,3 +77,32 @@ def test_offline_sql_needs_no_database() -> None:
     assert done.returncode == 0, done.stderr
     assert "CREATE TABLE countries" in done.stdout
     assert "CREATE INDEX CONCURRENTLY" in done.stdout
+
+
+BRANCHES = {
+    # Two branches from a base, merged, then a third branch left open.
+    "a0": None,
+    "b1": "a0",
+    "c1": "a0",
+    "m2": ("b1", "c1"),
+    "d3": "m2",
+    "e3": "m2",
+}
+
+
+def test_heads_from_source_agree_with_alembic(tmp_path: Path) -> None:
+    project = Project(tmp_path / "p")
+    for revision, down in BRANCHES.items():
+        (project.versions / f"{revision}.py").write_text(
+            f"revision: str = {revision!r}\n"
+            f"down_revision: str | tuple[str, ...] | None = {down!r}\n"
+            f"depends_on = {'a0' if revision == 'e3' else None!r}\n"
+            "def upgrade():\n    pass\n"
+        )
+    (project.versions / "__init__.py").write_text("revision = 'not one'\n")
+
+    for ini in (project.ini, REPO_ROOT / "alembic.ini"):
+        migrations = Migrations(ini)
+        expected = tuple(sorted(migrations.script.get_heads()))
+        assert migrations._heads_from_source() == expected, ini
+    assert Migrations(project.ini)._heads_from_source() == ("d3", "e3")
