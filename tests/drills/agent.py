@@ -227,6 +227,10 @@ def pool() -> None:
     worker at once; an empty line or EOF ends it.
     """
     _setup(None)
+    # Both drivers imported before the first release, so that a round on
+    # psycopg does not spend its first moments importing it.
+    import psycopg  # noqa: F401
+
     loop = asyncio.new_event_loop()
     try:
         for line in sys.stdin:

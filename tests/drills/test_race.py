@@ -4,7 +4,8 @@ The processes live for the whole drill (a pool): each round they get a new
 database, build a new gate, answer ``ready``, and are released together by
 one ``go`` written to all of them. Rounds: ``INITGATE_DRILL_ROUNDS`` (20).
 
-Per round, counted outside the gate's bookkeeping: how many workers report
+Rounds alternate between the gate's two drivers, asyncpg and psycopg. Per
+round, counted outside the gate's bookkeeping: how many workers report
 they ran init, how often each seed body executed (trace file), how often the
 revisions' tables were created (DDL event trigger), what each worker saw
 committed from a session of its own right after passing.
@@ -42,6 +43,7 @@ from tests.helpers import REPO_ROOT, DatabaseAdmin, DdlLog, with_database
 pytestmark = pytest.mark.slow
 
 WORKERS = 8
+DRIVERS = ("asyncpg", "psycopg")
 TEMPLATE = "drill_race_template"
 EXPECTED = (
     "per round: exactly one worker runs init, every seed body executes once, "
@@ -200,6 +202,9 @@ async def test_eight_racing_workers_init_each_fresh_database_exactly_once(
             trace = tmp_path / f"round-{number}.trace"
             env = agent_env(url, project, tmp_path, poll_interval=1.0)
             env.update(DRILL_TRACE=str(trace), DRILL_CHECK_COMMITTED="1")
+            # Every other round on psycopg: the protocol is one, the drivers
+            # under it are two.
+            env["INITGATE_DRIVER"] = DRIVERS[number % len(DRIVERS)]
             reports = pool.round(env)
             figures = await _check_round(DatabaseAdmin(url), reports, trace)
             ends = [r.get("passed", r.get("failed", 0)) for r in reports]
@@ -208,6 +213,7 @@ async def test_eight_racing_workers_init_each_fresh_database_exactly_once(
             drill_results.record(
                 "race",
                 round=number,
+                driver=env["INITGATE_DRIVER"],
                 workers=WORKERS,
                 all_passed_s=span,
                 expected=EXPECTED,
