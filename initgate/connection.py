@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -152,7 +153,9 @@ async def _connect_once(
     except asyncpg.ProtocolViolationError as exc:
         if "unsupported startup parameter" not in str(exc):
             raise
-        return await _connect_pooled(settings, dsn, server_settings, deadline)
+        return await _connect_pooled(
+            settings, dsn, server_settings, deadline, open_once=_connect_once
+        )
     except (
         asyncpg.InvalidPasswordError,
         asyncpg.InvalidAuthorizationSpecificationError,
@@ -181,17 +184,25 @@ _POOLER_STARTUP_PARAMETERS = frozenset(
 )
 
 
+OpenOnce = Callable[[Settings, str, dict[str, str], float], Awaitable[Session]]
+
+
 async def _connect_pooled(
-    settings: Settings, dsn: str, server_settings: dict[str, str], deadline: float
-) -> Any:
+    settings: Settings,
+    dsn: str,
+    server_settings: dict[str, str],
+    deadline: float,
+    *,
+    open_once: OpenOnce,
+    kept: frozenset[str] = _POOLER_STARTUP_PARAMETERS,
+) -> Session:
     """Connect through a pooler that refused startup parameters; SET them.
 
+    Logs in with the parameters in ``kept`` only, through ``open_once``.
     The SET costs one round trip per connection, only on this path.
     """
     startup = {
-        name: value
-        for name, value in server_settings.items()
-        if name.lower() in _POOLER_STARTUP_PARAMETERS
+        name: value for name, value in server_settings.items() if name.lower() in kept
     }
     later = {k: v for k, v in server_settings.items() if k not in startup}
     logger.info(
@@ -200,7 +211,7 @@ async def _connect_pooled(
         settings.masked_url,
         ", ".join(sorted(later)),
     )
-    conn = await _connect_once(settings, dsn, startup, deadline)
+    conn = await open_once(settings, dsn, startup, deadline)
     try:
         await _set_all(conn, later)
     except BaseException:
@@ -283,8 +294,15 @@ async def _psycopg_connect_once(
             fewer = {k: v for k, v in server_settings.items() if k != check}
             return await _psycopg_connect_once(settings, dsn, fewer, deadline)
         if "unsupported startup parameter" in message and startup:
-            return await _psycopg_connect_pooled(
-                settings, dsn, server_settings, deadline
+            # All but application_name went in `options`, which PgBouncer
+            # refuses as a whole.
+            return await _connect_pooled(
+                settings,
+                dsn,
+                server_settings,
+                deadline,
+                open_once=_psycopg_connect_once,
+                kept=frozenset({"application_name"}),
             )
         if any(phrase in message for phrase in _PERMANENT_LOGIN_FAILURES):
             raise ConfigurationError(
@@ -296,31 +314,6 @@ async def _psycopg_connect_once(
             f"cannot use the database URL {settings.masked_url}: "
             f"{describe_error(exc, settings)}"
         ) from None
-
-
-async def _psycopg_connect_pooled(
-    settings: Settings, dsn: str, server_settings: dict[str, str], deadline: float
-) -> Session:
-    """As :func:`_connect_pooled`: log in with what a pooler keeps, SET the rest."""
-    startup = {
-        name: value
-        for name, value in server_settings.items()
-        if name.lower() == "application_name"
-    }
-    later = {k: v for k, v in server_settings.items() if k not in startup}
-    logger.info(
-        "%s refused the startup parameters %s, as a connection pooler such "
-        "as PgBouncer does; setting them after login instead",
-        settings.masked_url,
-        ", ".join(sorted(later)),
-    )
-    session = await _psycopg_connect_once(settings, dsn, startup, deadline)
-    try:
-        await _set_all(session, later)
-    except BaseException:
-        await session.close()
-        raise
-    return session
 
 
 def _escape_option(value: str) -> str:
