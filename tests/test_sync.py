@@ -20,7 +20,11 @@ from initgate.sync import SyncInitGate
 from tests.conftest import SpawnPython
 from tests.helpers import REPO_ROOT, DatabaseAdmin, DdlLog, free_port
 from tests.project import Project, Revision
-from tests.test_workers import CONCURRENT_INDEX, LONG_MIGRATION, wait_for_query
+from tests.test_workers import (
+    LONG_MIGRATION,
+    concurrently_indexed_project,
+    wait_for_query,
+)
 
 PASS_SYNC_GATE = """
 import os
@@ -86,18 +90,7 @@ async def test_sync_processes_migrate_concurrently_indexed_and_seed_exactly_once
     tmp_path: Path,
 ) -> None:
     trace = tmp_path / "trace"
-    project = (
-        Project(tmp_path / "p")
-        .add(
-            Revision.sql(
-                "r1_items",
-                "CREATE TABLE items (id int PRIMARY KEY, name text)",
-                "INSERT INTO items SELECT g, md5(g::text) "
-                "FROM generate_series(1, 50000) g",
-            )
-        )
-        .add(CONCURRENT_INDEX)
-    )
+    project = concurrently_indexed_project(tmp_path / "p", rows=50_000)
     herd = spawn_python(
         PASS_SYNC_PROJECT_GATE,
         n=12,

@@ -245,6 +245,22 @@ CONCURRENT_INDEX = Revision(
 )
 
 
+def concurrently_indexed_project(root: Path, rows: int) -> Project:
+    """``items`` with ``rows`` rows, then a revision indexing it CONCURRENTLY."""
+    return (
+        Project(root)
+        .add(
+            Revision.sql(
+                "r1_items",
+                "CREATE TABLE items (id int PRIMARY KEY, name text)",
+                "INSERT INTO items SELECT g, md5(g::text) "
+                f"FROM generate_series(1, {rows}) g",
+            )
+        )
+        .add(CONCURRENT_INDEX)
+    )
+
+
 @pytest.mark.usefixtures("gate_driver")
 async def test_create_index_concurrently_completes_while_16_workers_wait(
     database_url: str,
@@ -252,18 +268,7 @@ async def test_create_index_concurrently_completes_while_16_workers_wait(
     spawn_python: SpawnPython,
     tmp_path: Path,
 ) -> None:
-    project = (
-        Project(tmp_path / "p")
-        .add(
-            Revision.sql(
-                "r1_items",
-                "CREATE TABLE items (id int PRIMARY KEY, name text)",
-                "INSERT INTO items SELECT g, md5(g::text) "
-                "FROM generate_series(1, 200000) g",
-            )
-        )
-        .add(CONCURRENT_INDEX)
-    )
+    project = concurrently_indexed_project(tmp_path / "p", rows=200_000)
     env = {"DATABASE_URL": database_url, "PROJECT_INI": str(project.ini)}
     herd = spawn_python(
         PASS_PROJECT_GATE, n=16, env=env, preload=["initgate.lifespan", "psycopg"]
