@@ -331,6 +331,9 @@ class Migrations:
             )
         buffer = io.StringIO()
         config = Config(str(self.config_path), output_buffer=buffer, stdout=buffer)
+        # Alembic's cookbook flag for env.py run from code: keep the
+        # caller's logging (fileConfig would print INFO lines on stderr).
+        config.attributes["configure_logger"] = False
         destination = f"{current[0]}:heads" if current else "heads"
         try:
             command.upgrade(config, destination, sql=True)

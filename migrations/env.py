@@ -75,7 +75,11 @@ if given is not None:
         )
     run_migrations(given)
 else:
-    if config.config_file_name is not None:
+    # `initgate plan` sets configure_logger to False (Alembic's cookbook
+    # flag for env.py run from code) to keep its own output.
+    if config.config_file_name is not None and config.attributes.get(
+        "configure_logger", True
+    ):
         fileConfig(config.config_file_name, disable_existing_loggers=False)
     if context.is_offline_mode():
         run_migrations_offline()

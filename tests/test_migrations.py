@@ -79,6 +79,24 @@ def test_offline_sql_needs_no_database() -> None:
     assert "CREATE INDEX CONCURRENTLY" in done.stdout
 
 
+def test_plan_of_the_demo_prints_its_sql_and_no_alembic_log_lines(
+    database_url: str,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "initgate", "plan"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "CREATE TABLE countries" in done.stdout
+    assert "INFO" not in done.stderr, done.stderr
+
+
 BRANCHES = {
     # Two branches from a base, merged, then a third branch left open.
     "a0": None,
