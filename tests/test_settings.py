@@ -58,6 +58,7 @@ def test_missing_url_names_the_variables() -> None:
         ("INITGATE_MAX_ATTEMPTS", "0", "INITGATE_MAX_ATTEMPTS"),
         ("INITGATE_SCHEMA", 'ops"; DROP TABLE x; --', "plain SQL identifier"),
         ("INITGATE_NAMESPACE", "a\nb", "printable"),
+        ("INITGATE_DRIVER", "psycopg2", "'asyncpg' or 'psycopg'"),
     ],
 )
 def test_invalid_values_are_named_in_one_line(
@@ -181,3 +182,21 @@ def test_bad_gate_url_is_named_by_its_variable(
 
     monkeypatch.setenv("INITGATE_GATE_DATABASE_URL", "")
     assert Settings.from_env().url.host == "h"
+
+
+@pytest.mark.parametrize(
+    ("url", "setting", "preferred", "expected"),
+    [
+        ("postgresql://h/app", None, "psycopg", "psycopg"),
+        ("postgresql://h/app", None, "asyncpg", "asyncpg"),
+        ("postgresql+psycopg://h/app", None, "asyncpg", "psycopg"),
+        ("postgresql+asyncpg://h/app", None, "psycopg", "asyncpg"),
+        ("postgresql+psycopg://h/app", "asyncpg", "psycopg", "asyncpg"),
+    ],
+)
+def test_the_gate_driver_is_the_setting_else_the_urls_else_the_entry_points(
+    url: str, setting: str | None, preferred: str, expected: str
+) -> None:
+    settings = Settings(database_url=url, driver=setting)
+
+    assert settings.gate_driver(preferred) == expected
