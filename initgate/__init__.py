@@ -26,9 +26,9 @@ if TYPE_CHECKING:
         WaitTimeoutError,
     )
     from initgate.gate import Gate, GateResult, Outcome, Phase
-    from initgate.ledger import RunStatus, StepKind, StepStatus
     from initgate.lifespan import InitGate
     from initgate.settings import Settings, async_database_url, mask_url
+    from initgate.states import RunStatus, StepKind, StepStatus
 
 __version__ = "0.1.0"
 
@@ -70,9 +70,9 @@ _HOMES = {
     "GateResult": "initgate.gate",
     "Outcome": "initgate.gate",
     "Phase": "initgate.gate",
-    "RunStatus": "initgate.ledger",
-    "StepKind": "initgate.ledger",
-    "StepStatus": "initgate.ledger",
+    "RunStatus": "initgate.states",
+    "StepKind": "initgate.states",
+    "StepStatus": "initgate.states",
     "InitGate": "initgate.lifespan",
     "Settings": "initgate.settings",
     "async_database_url": "initgate.settings",

@@ -68,9 +68,11 @@ from initgate.errors import (
     UnsupportedConnectionError,
     WaitTimeoutError,
 )
+from initgate.states import RunStatus
 
 # Every process of the command builds the whole command line, for --help too,
-# so only typer, rich and the exceptions are imported with this module. The
+# so only typer, rich, the exceptions and the run states are imported with
+# this module. The
 # rest (SQLAlchemy, asyncpg, Alembic, FastAPI: more than a second of CPU) is
 # imported by the commands that use it.
 if TYPE_CHECKING:
@@ -493,28 +495,13 @@ def _ledger_settings(
     )
 
 
-class RunStatusChoice(enum.StrEnum):
-    """The values of ``history --status``: those of :class:`~initgate.ledger.RunStatus`.
-
-    Spelt out again because every process builds every command's options,
-    for ``--help`` too, and importing RunStatus would bring SQLAlchemy and
-    asyncpg along with the ledger; tests/test_cli.py checks that they agree.
-    """
-
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    ABANDONED = "abandoned"
-    RETRY = "retry"
-
-
 @cli.command(epilog=_EXIT_CODES_HELP)
 def history(
     limit: Annotated[
         int, typer.Option(min=1, help="Show at most this many runs, newest first.")
     ] = 20,
     status: Annotated[
-        list[RunStatusChoice] | None,
+        list[RunStatus] | None,
         typer.Option(help="Only runs with this status; repeat for several."),
     ] = None,
     since: Annotated[
@@ -757,8 +744,6 @@ def status(app: AppOption = "app.main:gate", as_json: JsonOption = False) -> Non
 
 
 def _status_exit_code(found: ops.Status, settings: Settings) -> ExitCode:
-    from initgate.ledger import RunStatus
-
     if found.unknown_revisions and not settings.allow_unknown_revisions:
         return ExitCode.DATABASE_AHEAD
     if found.up_to_date or found.unknown_revisions:
@@ -1284,8 +1269,6 @@ _COLUMNS = (
 
 def print_runs(runs: Sequence[dict[str, Any]], *, title: str) -> None:
     """Print runs as a rich table on a terminal, as plain columns otherwise."""
-    from initgate.ledger import RunStatus
-
     styles = {
         RunStatus.SUCCEEDED: "green",
         RunStatus.FAILED: "red",
@@ -1326,8 +1309,6 @@ def _print_plain(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def _run_cells(run: dict[str, Any], with_error: bool, arrow: str) -> list[str]:
-    from initgate.ledger import RunStatus
-
     started: dt.datetime = run["started_at"]
     finished: dt.datetime | None = run["finished_at"]
     if finished is None:
@@ -1555,7 +1536,6 @@ def _explain(
 ) -> str:
     """One sentence: who ran init, who waited, who found it done."""
     from initgate.gate import Outcome
-    from initgate.ledger import RunStatus
 
     holders = [run for run in new_runs if run["status"] == RunStatus.SUCCEEDED]
     waited = boot.count(Outcome.WAITED)

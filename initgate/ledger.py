@@ -26,6 +26,7 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from initgate.drivers import errors
+from initgate.states import RunStatus, StepKind, StepStatus
 
 __all__ = [
     "LEDGER_VERSION",
@@ -62,41 +63,6 @@ LEDGER_VERSION = 2
 1. ``init_runs``, ``init_steps`` and ``init_ledger``.
 2. ``init_steps.checksum``; run status ``retry``.
 """
-
-
-class RunStatus(enum.StrEnum):
-    """The life of one ``init_runs`` row."""
-
-    RUNNING = "running"
-    """A holder is working on it, or died while it did (until the next holder)."""
-    SUCCEEDED = "succeeded"
-    """Every pending migration and seed step was applied and committed."""
-    FAILED = "failed"
-    """A step raised; ``error`` and ``traceback`` say which and why."""
-    ABANDONED = "abandoned"
-    """Its holder's session ended mid-run; the next holder marked it so."""
-    RETRY = "retry"
-    """Not an init attempt: an operator's ``initgate retry``, which lifts the
-    fail-fast state. Failures before it no longer count towards
-    ``max_attempts``; it starts and finishes at the same instant."""
-
-
-class StepKind(enum.StrEnum):
-    """What an ``init_steps`` row records."""
-
-    MIGRATION = "migration"
-    """One Alembic revision; ``name`` is the revision id."""
-    SEED = "seed"
-    """One seed step; ``name`` and ``version`` are as registered."""
-
-
-class StepStatus(enum.StrEnum):
-    """Outcome of one step."""
-
-    SUCCEEDED = "succeeded"
-    """Applied and committed."""
-    FAILED = "failed"
-    """Raised; rolled back (a seed step) or left the revision unapplied."""
 
 
 def quote_ident(name: str) -> str:
