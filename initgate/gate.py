@@ -284,6 +284,10 @@ class Gate:
 
     async def _connect(self) -> Session:
         self.phase = Phase.CONNECTING
+        return await self._open_session()
+
+    async def _open_session(self) -> Session:
+        """A new session as the gate opens them: its driver, its parameters."""
         session: Session = await connection.connect(
             self.settings, self._server_settings(), driver=self.driver
         )
@@ -310,19 +314,13 @@ class Gate:
         self, conn: Session, backend_pid: int, holding: bool
     ) -> pooler.SessionCheck:
         """Fail unless the connection keeps one backend (no transaction pooler)."""
-
-        async def open_probe() -> Any:
-            return await connection.connect(
-                self.settings, self._server_settings(), driver=self.driver
-            )
-
         try:
             return await pooler.check_session(
                 conn,
                 self.key,
                 backend_pid,
                 holding=holding,
-                open_probe=open_probe,
+                open_probe=self._open_session,
                 where=self.settings.masked_url,
                 session_pooler_allowed=self.settings.allow_session_pooler,
             )
