@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import pwd
 import selectors
@@ -246,6 +247,36 @@ class ProcessResult:
             f"--- process {self.index}: {state}\n"
             f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
         )
+
+
+def passed_reports(results: Sequence[ProcessResult]) -> list[dict[str, Any]]:
+    """The JSON object each process printed last, once every one exited 0.
+
+    Fails the test, showing each process that did not, otherwise.
+    """
+    failed = [r.describe() for r in results if r.returncode != 0]
+    assert not failed, "\n".join(failed)
+    return [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
+
+
+def run_python(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` from the repository root; its output, as text.
+
+    Args:
+        env: The whole environment of the process; default this one's.
+    """
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=None if env is None else dict(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 class Herd:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 
 from initgate.ledger import RunStatus
 from initgate.lock import LockKey
-from tests.helpers import REPO_ROOT, DatabaseAdmin, free_port
+from tests.helpers import REPO_ROOT, DatabaseAdmin, free_port, run_python
 
 CANARY = "canary-Cli-41d2e"
 """A password that must never appear in any output."""
@@ -44,16 +43,7 @@ def initgate(
     if database_url is not None:
         environment["DATABASE_URL"] = database_url
     environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "initgate", *args],
-        cwd=REPO_ROOT,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_python("-m", "initgate", *args, env=environment, timeout=timeout)
 
 
 def with_credentials(url: str, user: str, password: str) -> str:
@@ -271,14 +261,7 @@ def test_help_imports_neither_the_database_stack_nor_the_web_stack() -> None:
         f"    print([name for name in {heavy!r} if name in sys.modules])\n"
     )
 
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python("-c", script, timeout=60)
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"

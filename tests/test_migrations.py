@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,13 @@ from initgate import Outcome
 from initgate.lifespan import InitGate
 from initgate.migrate import Migrations
 from initgate.settings import Settings
-from tests.helpers import REPO_ROOT, DatabaseAdmin, DdlLog
+from tests.helpers import REPO_ROOT, DatabaseAdmin, DdlLog, run_python
 from tests.project import Project
 
 
 def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url}
-    return subprocess.run(
-        [sys.executable, "-m", "alembic", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    return run_python(
+        "-m", "alembic", *args, env={**os.environ, "DATABASE_URL": database_url}
     )
 
 
@@ -82,14 +74,8 @@ def test_offline_sql_needs_no_database() -> None:
 def test_plan_of_the_demo_prints_its_sql_and_no_alembic_log_lines(
     database_url: str,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "initgate", "plan"],
-        cwd=REPO_ROOT,
-        env={**os.environ, "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    done = run_python(
+        "-m", "initgate", "plan", env={**os.environ, "DATABASE_URL": database_url}
     )
 
     assert done.returncode == 0, done.stderr

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import subprocess
-import sys
 
 import pytest
 
 import initgate
-from tests.helpers import REPO_ROOT
+from tests.helpers import run_python
 
 
 @pytest.mark.parametrize("name", sorted(set(initgate.__all__) - {"__version__"}))
@@ -36,14 +34,7 @@ def test_import_alone_loads_no_dependency() -> None:
         "('sqlalchemy', 'alembic', 'fastapi', 'asyncpg', 'pydantic'))))\n"
     )
 
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python("-c", script, timeout=60)
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

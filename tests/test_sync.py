@@ -6,7 +6,6 @@ default, and one test shows it is psycopg they depend on.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -18,7 +17,14 @@ from sqlalchemy import Connection, text
 from initgate import Outcome, Settings
 from initgate.sync import SyncInitGate
 from tests.conftest import SpawnPython
-from tests.helpers import REPO_ROOT, DatabaseAdmin, DdlLog, free_port
+from tests.helpers import (
+    REPO_ROOT,
+    DatabaseAdmin,
+    DdlLog,
+    free_port,
+    passed_reports,
+    run_python,
+)
 from tests.project import Project, Revision
 from tests.test_workers import (
     LONG_MIGRATION,
@@ -104,9 +110,7 @@ async def test_sync_processes_migrate_concurrently_indexed_and_seed_exactly_once
     herd.release()
     results = herd.wait_all(timeout=120)
 
-    failed = [r.describe() for r in results if r.returncode != 0]
-    assert not failed, "\n".join(failed)
-    outcomes = [json.loads(r.stdout.splitlines()[-1])["outcome"] for r in results]
+    outcomes = [report["outcome"] for report in passed_reports(results)]
     assert outcomes.count("ran") == 1, outcomes
     assert await ddl_log.count("CREATE TABLE", "items") == 1
     assert await ddl_log.count("CREATE INDEX", "items_name_idx") == 1
@@ -146,9 +150,7 @@ async def test_sync_holder_killed_mid_migration_is_taken_over_once(
     holder.kill()
     results = waiters.wait_all(timeout=60)
 
-    failed = [r.describe() for r in results if r.returncode != 0]
-    assert not failed, "\n".join(failed)
-    outcomes = [json.loads(r.stdout.splitlines()[-1])["outcome"] for r in results]
+    outcomes = [report["outcome"] for report in passed_reports(results)]
     assert outcomes.count("ran") == 1, outcomes
     statuses = await db.fetch("SELECT status FROM init_runs ORDER BY id")
     assert [r["status"] for r in statuses] == ["abandoned", "succeeded"]
@@ -177,12 +179,8 @@ async def test_sync_gate_runs_on_psycopg_unless_told_to_use_asyncpg(
     env = {"DATABASE_URL": database_url, "PYTHONPATH": str(REPO_ROOT)}
 
     def run(**extra: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-c", WITHOUT_PSYCOPG],
-            env={"PATH": "/usr/bin:/bin", **env, **extra},
-            capture_output=True,
-            text=True,
-            timeout=60,
+        done = run_python(
+            "-c", WITHOUT_PSYCOPG, env={"PATH": "/usr/bin:/bin", **env, **extra}
         )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()

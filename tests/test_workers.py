@@ -18,7 +18,7 @@ import pycountry
 import pytest
 
 from tests.conftest import SpawnPython, StartUvicorn
-from tests.helpers import DatabaseAdmin, DdlLog
+from tests.helpers import DatabaseAdmin, DdlLog, passed_reports
 from tests.project import Project, Revision
 
 DEMO_TABLES = ("countries", "currencies", "languages")
@@ -91,9 +91,7 @@ async def test_32_processes_released_together_init_exactly_once(
     herd.release()
     results = herd.wait_all(timeout=120)
 
-    failed = [r.describe() for r in results if r.returncode != 0]
-    assert not failed, "\n".join(failed)
-    reports = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
+    reports = passed_reports(results)
     outcomes = collections.Counter(r["outcome"] for r in reports)
     assert outcomes["ran"] == 1, outcomes
     assert outcomes["ran"] + outcomes["waited"] + outcomes["up_to_date"] == 32
@@ -220,9 +218,7 @@ async def test_sigkilled_holder_mid_statement_is_taken_over_within_a_second_or_s
     holder.kill()
     results = waiters.wait_all(timeout=60)
 
-    failed = [r.describe() for r in results if r.returncode != 0]
-    assert not failed, "\n".join(failed)
-    reports = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
+    reports = passed_reports(results)
     assert sorted(r["outcome"] for r in reports).count("ran") == 1
     takeover = min(r["passed"] for r in reports) - killed_at
     # client_connection_check_interval (1 s) frees the lock, the poll
@@ -276,8 +272,7 @@ async def test_create_index_concurrently_completes_while_16_workers_wait(
     herd.release()
     results = herd.wait_all(timeout=120)
 
-    failed = [r.describe() for r in results if r.returncode != 0]
-    assert not failed, "\n".join(failed)
+    passed_reports(results)
     assert await db.fetchval(
         "SELECT indisvalid FROM pg_index WHERE indexrelid = 'items_name_idx'::regclass"
     )
